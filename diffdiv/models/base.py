@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from typing import Any
 
 import torch
@@ -64,6 +65,18 @@ class Denoiser(nn.Module):
         if t.ndim == 0:
             t = t.expand(x_t.shape[0])
         return t.to(device=x_t.device, dtype=torch.promote_types(t.dtype, torch.float32))
+
+    @property
+    def trainable(self) -> nn.Module:
+        """The network training updates (subclasses with frozen parts narrow this)."""
+        return self
+
+    def clone(self) -> Denoiser:
+        """Copy with independent trainable weights (students / fake scores start from a teacher this way).
+
+        Subclasses with frozen shared parts (text encoders, VAE) keep them shared.
+        """
+        return copy.deepcopy(self)
 
     def encode_prompts(self, prompts: list[str]) -> Any:
         """Text prompts -> condition (text-conditioned models only)."""
