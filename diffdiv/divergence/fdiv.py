@@ -1,0 +1,101 @@
+"""f-divergence table: f(r) and the generator weight h(r) = r^2 f''(r) (DESIGN.md section 3.1).
+
+Convention (f-distill, Xu et al. 2025, arXiv 2502.15681, eq. 4): D_f(p||q) = E_q[f(p/q)], r = p/q,
+f convex with f(1) = 0. The generator gradient is E[h(r) (s_q - s_p)^T dx_t/dtheta] with
+h(r) = r^2 f''(r) (arXiv 2502.15681, Theorem 1). h is returned un-normalized.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from diffdiv.config import ConfigError
+
+#: canonical names; `alpha:<a>` (any real a) is accepted as well
+DIVERGENCES: tuple[str, ...] = (
+    "rkl", "fkl", "js", "hellinger", "jeffreys", "srkl", "pearson", "neyman", "alpha:<a>",
+)
+_FIXED = DIVERGENCES[:-1]
+
+
+def parse_divergence(name: str) -> tuple[str, float | None]:
+    """Validate a divergence name -> (kind, alpha-parameter or None).
+
+    Raises `ConfigError` (a ValueError) naming the valid choices for an unknown name.
+    """
+    if not isinstance(name, str):
+        raise ConfigError(f"divergence must be a string, got {type(name).__name__}")
+    key = name.strip().lower()
+    if key in _FIXED:
+        return key, None
+    if key.startswith("alpha:"):
+        try:
+            a = float(key.split(":", 1)[1])
+        except ValueError:
+            a = math.nan
+        if not math.isfinite(a):
+            raise ConfigError(f"divergence {name!r}: alpha:<a> needs a finite number, e.g. alpha:0.5")
+        return "alpha", a
+    raise ConfigError(f"unknown divergence {name!r}; valid: {', '.join(DIVERGENCES)}")
+
+
+def _float(r: Tensor) -> Tensor:
+    r = torch.as_tensor(r)
+    return r.to(torch.promote_types(r.dtype, torch.float32))
+
+
+def f_value(r: Tensor, name: str) -> Tensor:
+    """f(r) of the named divergence (elementwise, r > 0)."""
+    kind, a = parse_divergence(name)
+    r = _float(r)
+    log = torch.log
+    if kind == "rkl":  # KL(q||p): f = -log r
+        return -log(r)
+    if kind == "fkl":  # KL(p||q): f = r log r
+        return torch.xlogy(r, r)
+    if kind == "js":  # f = 1/2 [r log r - (1+r) log((1+r)/2)]
+        return 0.5 * (torch.xlogy(r, r) - (1 + r) * log((1 + r) / 2))
+    if kind == "hellinger":  # squared Hellinger: f = (sqrt r - 1)^2
+        return (torch.sqrt(r) - 1) ** 2
+    if kind == "jeffreys":  # f = (r - 1) log r
+        return (r - 1) * log(r)
+    if kind == "srkl":  # softened reverse KL: f = (1+r) log((1+r)/(2r))
+        return (1 + r) * log((1 + r) / (2 * r))
+    if kind == "pearson":  # f = (r - 1)^2
+        return (r - 1) ** 2
+    if kind == "neyman":  # f = (1 - r)^2 / r
+        return (1 - r) ** 2 / r
+    # alpha family: f = (r^a - a r - (1 - a)) / (a (a - 1)); limits at a = 0, 1
+    assert a is not None
+    if a == 0.0:
+        return r - 1 - log(r)
+    if a == 1.0:
+        return torch.xlogy(r, r) - r + 1
+    return (r**a - a * r - (1 - a)) / (a * (a - 1))
+
+
+def f_weight(r: Tensor, name: str) -> Tensor:
+    """h(r) = r^2 f''(r) of the named divergence (elementwise, un-normalized)."""
+    kind, a = parse_divergence(name)
+    r = _float(r)
+    if kind == "rkl":
+        return torch.ones_like(r)
+    if kind == "fkl":
+        return r.clone()
+    if kind == "js":
+        return r / (2 * (1 + r))
+    if kind == "hellinger":
+        return 0.5 * torch.sqrt(r)
+    if kind == "jeffreys":
+        return 1 + r
+    if kind == "srkl":
+        return 1 / (1 + r)
+    if kind == "pearson":
+        return 2 * r**2
+    if kind == "neyman":
+        return 2 / r
+    assert a is not None
+    return r**a
