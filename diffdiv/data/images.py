@@ -1,0 +1,68 @@
+"""Users' own images from a folder, as tensors in [-1, 1]."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from diffdiv.config import ConfigError
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif", ".tif", ".tiff"}
+
+
+def list_images(folder: str | Path) -> list[Path]:
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise ConfigError(f"image folder not found: {folder}")
+    files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+    if not files:
+        raise ConfigError(f"image folder {folder} holds no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
+    return files
+
+
+def load_image(path: str | Path, size: int, channels: int = 3) -> torch.Tensor:
+    """One image -> (C, size, size) float32 in [-1, 1] (center crop, bicubic resize)."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as im:
+            im = im.convert("L" if channels == 1 else "RGB")
+            w, h = im.size
+            m = min(w, h)
+            im = im.crop(((w - m) // 2, (h - m) // 2, (w - m) // 2 + m, (h - m) // 2 + m))
+            im = im.resize((size, size), Image.BICUBIC)
+            arr = np.asarray(im, dtype=np.float32) / 127.5 - 1.0
+    except (UnidentifiedImageError, OSError) as e:
+        raise ConfigError(f"cannot read image {path}: {type(e).__name__}") from None
+    arr = arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1)
+    return torch.from_numpy(np.ascontiguousarray(arr))
+
+
+def load_image_folder(folder: str | Path, size: int, channels: int = 3, limit: int | None = None) -> torch.Tensor:
+    """All images of a folder (recursively) -> (N, C, size, size) in [-1, 1]."""
+    files = list_images(folder)[:limit]
+    return torch.stack([load_image(f, size, channels) for f in files])
+
+
+def save_image_grid(images: torch.Tensor, path: str | Path, nrow: int | None = None) -> None:
+    """(N, C, H, W) in [-1, 1] -> one PNG grid."""
+    from PIL import Image
+
+    x = images.detach().float().clamp(-1, 1).add(1).mul(127.5).round().to(torch.uint8).cpu()
+    n, c, h, w = x.shape
+    nrow = nrow or int(np.ceil(np.sqrt(n)))
+    ncol = int(np.ceil(n / nrow))
+    pad = 1
+    grid = torch.zeros(c, ncol * (h + pad) + pad, nrow * (w + pad) + pad, dtype=torch.uint8)
+    for i in range(n):
+        r, q = divmod(i, nrow)
+        grid[:, pad + r * (h + pad): pad + r * (h + pad) + h, pad + q * (w + pad): pad + q * (w + pad) + w] = x[i]
+    arr = grid.permute(1, 2, 0).numpy()
+    scale = max(1, 256 // max(h, w))  # upscale tiny images so the grid is readable
+    img = Image.fromarray(arr[..., 0] if c == 1 else arr)
+    if scale > 1:
+        img = img.resize((img.width * scale, img.height * scale), Image.NEAREST)
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    img.save(path)
