@@ -36,8 +36,12 @@ class TextCond:
         return self.embeds.shape[0]
 
     def _map(self, fn) -> TextCond:
-        return TextCond(**{f.name: None if getattr(self, f.name) is None else fn(getattr(self, f.name))
-                           for f in fields(self)})
+        return TextCond(
+            **{
+                f.name: None if getattr(self, f.name) is None else fn(getattr(self, f.name))
+                for f in fields(self)
+            }
+        )
 
     def to(self, *args: Any, **kwargs: Any) -> TextCond:
         return self._map(lambda v: v.to(*args, **kwargs))
@@ -82,19 +86,27 @@ class FrozenParts:
 
 
 class Text2ImgDenoiser(Denoiser):
-    """Shared machinery of the latent text-to-image wrappers; subclasses name the pipeline and the network call."""
+    """Shared machinery of the latent text-to-image wrappers; subclasses name pipeline and network call."""
 
     pipeline_cls_name: ClassVar[str]
     trainable_name: ClassVar[str]  # "unet" or "transformer"
     frozen_names: ClassVar[tuple[str, ...]]
     pipeline_extra: ClassVar[dict[str, Any]] = {}
 
-    def __init__(self, net: nn.Module, scheduler: Any, guidance_scale: float = 1.0,
-                 resolution: int | tuple[int, int] | None = None, frozen: FrozenParts | None = None,
-                 **parts: Any):
+    def __init__(
+        self,
+        net: nn.Module,
+        scheduler: Any,
+        guidance_scale: float = 1.0,
+        resolution: int | tuple[int, int] | None = None,
+        frozen: FrozenParts | None = None,
+        **parts: Any,
+    ):
         super().__init__()
         setattr(self, self.trainable_name, net)
-        self._frozen = frozen if frozen is not None else FrozenParts(**{k: parts.get(k) for k in self.frozen_names})
+        self._frozen = (
+            frozen if frozen is not None else FrozenParts(**{k: parts.get(k) for k in self.frozen_names})
+        )
         self.scheduler_cls = type(scheduler)
         self.scheduler_config = dict(scheduler.config)
         self.schedule = schedule_from_scheduler(scheduler)
@@ -117,8 +129,13 @@ class Text2ImgDenoiser(Denoiser):
     def from_pipeline(cls, pipe: Any, guidance_scale: float = 1.0, **kw: Any) -> Text2ImgDenoiser:
         """Wrap a loaded diffusers pipeline (its modules are used, not copied)."""
         comps = pipe.components
-        return cls(comps[cls.trainable_name], comps["scheduler"], guidance_scale=guidance_scale,
-                   **{k: comps.get(k) for k in cls.frozen_names}, **kw)
+        return cls(
+            comps[cls.trainable_name],
+            comps["scheduler"],
+            guidance_scale=guidance_scale,
+            **{k: comps.get(k) for k in cls.frozen_names},
+            **kw,
+        )
 
     @property
     def trainable(self) -> nn.Module:
@@ -215,7 +232,9 @@ class Text2ImgDenoiser(Denoiser):
     def cat_cond(self, a: TextCond, b: TextCond) -> TextCond:
         return TextCond.cat(a, b)
 
-    def forward(self, x_t: Tensor, t: Tensor, cond: Any = None, guidance_scale: float | None = None) -> Tensor:
+    def forward(
+        self, x_t: Tensor, t: Tensor, cond: Any = None, guidance_scale: float | None = None
+    ) -> Tensor:
         if isinstance(cond, (str, list, tuple)):
             cond = self.encode_prompts(list(cond) if not isinstance(cond, str) else [cond])
         return super().forward(x_t, t, cond, guidance_scale)
@@ -274,8 +293,9 @@ class Text2ImgDenoiser(Denoiser):
         img = vae.decode((latents / scale + shift).to(vae.dtype)).sample.float()
         return img.clamp(-1, 1) if clamp else img
 
-    def encode_images(self, images: Tensor, generator: torch.Generator | None = None,
-                      sample: bool = True) -> Tensor:
+    def encode_images(
+        self, images: Tensor, generator: torch.Generator | None = None, sample: bool = True
+    ) -> Tensor:
         """Images in [-1, 1] (B, 3, H, W) -> scaled latents (a posterior sample, or its mode)."""
         vae = self._frozen["vae"]
         scale, shift = self._latent_affine()
@@ -313,7 +333,9 @@ class SDXLDenoiser(Text2ImgDenoiser):
 
     @classmethod
     def from_pipeline(cls, pipe: Any, guidance_scale: float = 1.0, **kw: Any) -> SDXLDenoiser:
-        kw.setdefault("force_zeros_for_empty_prompt", bool(pipe.config.get("force_zeros_for_empty_prompt", True)))
+        kw.setdefault(
+            "force_zeros_for_empty_prompt", bool(pipe.config.get("force_zeros_for_empty_prompt", True))
+        )
         return super().from_pipeline(pipe, guidance_scale, **kw)
 
     def _pipeline_kwargs(self) -> dict[str, Any]:
@@ -324,35 +346,60 @@ class SDXLDenoiser(Text2ImgDenoiser):
         te = self._frozen["text_encoder"] or self._frozen["text_encoder_2"]
         return next(te.parameters()).device
 
-    def add_time_ids(self, batch: int, original_size: tuple[int, int], crops_coords_top_left: tuple[int, int],
-                     target_size: tuple[int, int], device: Any = None) -> Tensor:
+    def add_time_ids(
+        self,
+        batch: int,
+        original_size: tuple[int, int],
+        crops_coords_top_left: tuple[int, int],
+        target_size: tuple[int, int],
+        device: Any = None,
+    ) -> Tensor:
         """SDXL micro-conditioning (original size, crop top-left, target size), as the pipeline builds it."""
         ids = list(original_size) + list(crops_coords_top_left) + list(target_size)
         expected = self.unet.add_embedding.linear_1.in_features
         te2 = self._frozen["text_encoder_2"]
-        proj = te2.config.projection_dim if te2 is not None else expected - self.unet.config.addition_time_embed_dim * 6
+        proj = (
+            te2.config.projection_dim
+            if te2 is not None
+            else expected - self.unet.config.addition_time_embed_dim * 6
+        )
         if self.unet.config.addition_time_embed_dim * len(ids) + proj != expected:
-            raise ValueError(f"UNet expects an added embedding of {expected}; the time ids and pooled projection "
-                             f"({proj}) give {self.unet.config.addition_time_embed_dim * len(ids) + proj}")
+            raise ValueError(
+                f"UNet expects an added embedding of {expected}; the time ids and pooled projection "
+                f"({proj}) give {self.unet.config.addition_time_embed_dim * len(ids) + proj}"
+            )
         return torch.tensor([ids], dtype=torch.float32, device=device).repeat(batch, 1)
 
-    def encode_prompts(self, prompts: list[str] | str, original_size: tuple[int, int] | None = None,
-                       crops_coords_top_left: tuple[int, int] = (0, 0),
-                       target_size: tuple[int, int] | None = None) -> TextCond:
-        """Prompts -> TextCond; time ids fixed here if any size is given, else derived from the latent size."""
+    def encode_prompts(
+        self,
+        prompts: list[str] | str,
+        original_size: tuple[int, int] | None = None,
+        crops_coords_top_left: tuple[int, int] = (0, 0),
+        target_size: tuple[int, int] | None = None,
+    ) -> TextCond:
+        """Prompts -> TextCond; time ids fixed here if a size is given, else derived from the latent size."""
         cond = super().encode_prompts(prompts)
         if original_size is not None or target_size is not None or tuple(crops_coords_top_left) != (0, 0):
             hw = self._pixel_size(self.sample_shape[1:])
-            cond = replace(cond, time_ids=self.add_time_ids(len(cond), original_size or hw, crops_coords_top_left,
-                                                            target_size or hw, device=cond.embeds.device))
+            cond = replace(
+                cond,
+                time_ids=self.add_time_ids(
+                    len(cond),
+                    original_size or hw,
+                    crops_coords_top_left,
+                    target_size or hw,
+                    device=cond.embeds.device,
+                ),
+            )
         return cond
 
     def _pixel_size(self, latent_hw: tuple[int, ...]) -> tuple[int, int]:
         return (int(latent_hw[0]) * self.vae_scale_factor, int(latent_hw[1]) * self.vae_scale_factor)
 
     def _encode(self, prompts: list[str]) -> TextCond:
-        emb, _, pooled, _ = self.pipeline().encode_prompt(prompts, device=self.text_device,
-                                                          do_classifier_free_guidance=False)
+        emb, _, pooled, _ = self.pipeline().encode_prompt(
+            prompts, device=self.text_device, do_classifier_free_guidance=False
+        )
         return TextCond(embeds=emb, pooled=pooled)
 
     def _encode_null(self) -> TextCond:
@@ -374,15 +421,22 @@ class SDXLDenoiser(Text2ImgDenoiser):
 
 
 class SD3Denoiser(Text2ImgDenoiser):
-    """SD3: SD3Transformer2DModel, rectified flow (alpha = 1 - t, sigma = t, network time 1000 t), x0 = x_t - t u.
+    """SD3: SD3Transformer2DModel, rectified flow (alpha = 1 - t, sigma = t, net time 1000 t), x0 = x_t - t u.
 
     `text_encoder_3` (T5) may be None; the T5 tokens are then zeros, as in diffusers.
     """
 
     pipeline_cls_name = "StableDiffusion3Pipeline"
     trainable_name = "transformer"
-    frozen_names = ("vae", "text_encoder", "text_encoder_2", "text_encoder_3", "tokenizer", "tokenizer_2",
-                    "tokenizer_3")
+    frozen_names = (
+        "vae",
+        "text_encoder",
+        "text_encoder_2",
+        "text_encoder_3",
+        "tokenizer",
+        "tokenizer_2",
+        "tokenizer_3",
+    )
 
     def __init__(self, *args: Any, max_sequence_length: int = 256, **kw: Any):
         super().__init__(*args, **kw)
@@ -390,16 +444,25 @@ class SD3Denoiser(Text2ImgDenoiser):
 
     def _encode(self, prompts: list[str]) -> TextCond:
         emb, _, pooled, _ = self.pipeline().encode_prompt(
-            prompts, None, None, device=self.text_device, do_classifier_free_guidance=False,
-            max_sequence_length=self.max_sequence_length)
+            prompts,
+            None,
+            None,
+            device=self.text_device,
+            do_classifier_free_guidance=False,
+            max_sequence_length=self.max_sequence_length,
+        )
         return TextCond(embeds=emb, pooled=pooled)
 
     def _null_key(self) -> Any:
         return self.max_sequence_length
 
     def _call_net(self, x: Tensor, t_model: Tensor, cond: TextCond) -> Tensor:
-        return self.transformer(hidden_states=x, timestep=t_model, encoder_hidden_states=cond.embeds,
-                                pooled_projections=cond.pooled).sample
+        return self.transformer(
+            hidden_states=x,
+            timestep=t_model,
+            encoder_hidden_states=cond.embeds,
+            pooled_projections=cond.pooled,
+        ).sample
 
     def _feature_hooks(self, feats: list[Tensor], x_t: Tensor) -> list[Any]:
         blocks = self.transformer.transformer_blocks
@@ -421,8 +484,13 @@ WRAPPERS: dict[str, type[Text2ImgDenoiser]] = {
 WRAPPER_KWARGS = {"resolution": tuple(WRAPPERS), "max_sequence_length": ("StableDiffusion3Pipeline",)}
 
 
-def load_text2img(path_or_id: str | os.PathLike, cls_name: str, guidance_scale: float = 1.0,
-                  torch_dtype: torch.dtype | None = None, **kw: Any) -> Text2ImgDenoiser:
+def load_text2img(
+    path_or_id: str | os.PathLike,
+    cls_name: str,
+    guidance_scale: float = 1.0,
+    torch_dtype: torch.dtype | None = None,
+    **kw: Any,
+) -> Text2ImgDenoiser:
     """Load a SD / SDXL / SD3 pipeline (hub id or folder) with `from_pretrained` and wrap it.
 
     Extra keyword arguments go to `from_pretrained`, except `resolution` and `max_sequence_length`
