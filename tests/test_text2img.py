@@ -352,3 +352,22 @@ def test_jvp_through_network(kind, models):
         fd = (f(x + h * dx, t + h * dt) - f(x - h * dx, t - h * dt)) / (2 * h)
     rel = ((jv - fd).norm() / fd.norm()).item()
     assert rel < 1e-3, rel
+
+
+def test_to_moves_frozen_parts_and_dtype_loading(folders):
+    """.to(dtype) converts the shared frozen modules too; torch_dtype reaches every component."""
+    d = load_denoiser(folders["sd3"])
+    x, t = torch.randn(2, 4, 8, 8), times("sd3")
+    with torch.no_grad():
+        want = d(x, t, PROMPTS, guidance_scale=2.0)
+        c = d.clone().to(torch.float64)
+        assert d.text_encoder.dtype == torch.float64 and d.vae.dtype == torch.float64  # shared with the clone
+        got = c(x.double(), t.double(), PROMPTS, guidance_scale=2.0)
+    assert got.dtype == torch.float64 and next(d.parameters()).dtype == torch.float32
+    torch.testing.assert_close(got.float(), want, rtol=1e-4, atol=1e-4)
+    b = load_denoiser(folders["sdxl"], torch_dtype=torch.bfloat16)
+    dtypes = {p.dtype for m in [b.trainable, *b.frozen.modules.values()] for p in m.parameters()}
+    assert dtypes == {torch.bfloat16}
+    with torch.no_grad():
+        y = b(torch.randn(2, 4, 8, 8), torch.full((2,), 500.0), PROMPTS, guidance_scale=3.0)
+    assert y.dtype == torch.float32 and torch.isfinite(y).all()
