@@ -15,7 +15,7 @@ from safetensors.torch import load_file, safe_open, save_file
 from torch import nn
 
 from diffdiv.config import ConfigError
-from diffdiv.rewards.base import Reward, existing_path, register_reward
+from diffdiv.rewards.base import Reward, at_least_fp32, existing_path, register_reward
 from diffdiv.rewards.clip import ClipEmbedder
 
 _ACTIVATIONS = {"none": nn.Identity, "relu": nn.ReLU, "gelu": nn.GELU, "silu": nn.SiLU}
@@ -62,7 +62,7 @@ class AestheticHead(nn.Module):
         """Embeddings (N, D) -> scores (N,)."""
         if self.normalize:
             emb = emb / emb.norm(dim=-1, keepdim=True).clamp_min(1e-8)
-        return self.layers(emb.to(self.layers[0].weight.dtype)).squeeze(-1).float()
+        return at_least_fp32(self.layers(emb.to(self.layers[0].weight.dtype)).squeeze(-1))
 
     def save(self, path: str | Path) -> None:
         """Write the head as safetensors (weights + architecture metadata)."""
@@ -129,7 +129,7 @@ def _build_aesthetic(clip_path: str, head_path: str, dtype: str | None = None) -
     proj = int(emb.model.config.projection_dim)
     if head.dims[0] != proj:
         raise ConfigError(
-            f"reward 'aesthetic': head input is {head.dims[0]}-d embeddings but the CLIP projection is {proj}-d"
+            f"reward 'aesthetic': head input is {head.dims[0]}-d but the CLIP projection is {proj}-d"
         )
     if dtype is not None:
         head = head.to(emb.dtype)

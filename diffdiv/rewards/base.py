@@ -2,7 +2,7 @@
 
 Conventions shared by every reward:
 - input images are float tensors in [-1, 1], shape (B, C, H, W), or videos (B, F, C, H, W);
-- output is a float32 tensor of shape (B,), larger is better;
+- output is a float32 tensor of shape (B,) (float64 if computed in float64), larger is better;
 - a video's reward is the mean over frames of the per-frame reward (unless a reward overrides it);
 - reward networks are frozen (`requires_grad=False`, eval mode); when `differentiable` is True the
   reward is a differentiable function of the images, so first-order methods can back-propagate.
@@ -90,7 +90,12 @@ def _check_output(out: Any, n: int, name: str) -> torch.Tensor:
         out = torch.as_tensor(out, dtype=torch.float32)
     if out.shape != (n,):
         raise ValueError(f"reward '{name}' returned shape {tuple(out.shape)}, expected ({n},)")
-    return out.float()
+    return out if out.dtype == torch.float64 else out.float()
+
+
+def at_least_fp32(x: torch.Tensor) -> torch.Tensor:
+    """Half / bfloat16 / integer -> float32; float32 and float64 are kept."""
+    return x if x.dtype in (torch.float32, torch.float64) else x.float()
 
 
 def to_unit(images: torch.Tensor) -> torch.Tensor:

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from diffdiv.config import ConfigError
-from diffdiv.rewards.base import Reward, looks_like_local_path, register_reward, to_unit
+from diffdiv.rewards.base import Reward, at_least_fp32, looks_like_local_path, register_reward, to_unit
 
 # OpenAI CLIP normalization constants, used when a checkpoint folder has no preprocessor_config.json.
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -128,13 +128,14 @@ class ClipEmbedder(nn.Module):
 
     def preprocess(self, images: torch.Tensor) -> torch.Tensor:
         """[-1, 1] images (N, C, H, W) -> CLIP pixel values (differentiable)."""
-        x = clip_preprocess(images.float(), self.size, self.crop, self.mean, self.std)
+        x = at_least_fp32(images)
+        x = clip_preprocess(x, self.size, self.crop, self.mean.to(x.dtype), self.std.to(x.dtype))
         return x.to(self.dtype)
 
     def embed_pixels(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """CLIP pixel values -> projected image embeddings (N, D)."""
         pooled = self.model.vision_model(pixel_values=pixel_values).pooler_output
-        return self.model.visual_projection(pooled).float()
+        return at_least_fp32(self.model.visual_projection(pooled))
 
     def embed_images(self, images: torch.Tensor) -> torch.Tensor:
         """[-1, 1] images (N, C, H, W) -> projected image embeddings (N, D)."""
@@ -153,7 +154,7 @@ class ClipEmbedder(nn.Module):
         out = self.model.text_model(
             input_ids=tok["input_ids"].to(device), attention_mask=tok["attention_mask"].to(device)
         )
-        return self.model.text_projection(out.pooler_output).float()
+        return at_least_fp32(self.model.text_projection(out.pooler_output))
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.embed_images(images)

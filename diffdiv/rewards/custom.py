@@ -37,7 +37,7 @@ class CallableReward(Reward):
             raise ValueError(
                 f"reward '{self.name}' returned shape {tuple(out.shape)}, expected ({images.shape[0]},)"
             )
-        return out.float()
+        return out if out.dtype == torch.float64 else out.float()
 
 
 @register_reward("callable")

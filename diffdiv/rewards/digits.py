@@ -18,7 +18,7 @@ from safetensors.torch import load_file, safe_open, save_file
 from torch import nn
 
 from diffdiv.config import ConfigError
-from diffdiv.rewards.base import Reward, register_reward
+from diffdiv.rewards.base import Reward, at_least_fp32, register_reward
 
 CLASSIFIER_FORMAT = "diffdiv.digits_classifier.v1"
 
@@ -87,6 +87,17 @@ def train_digits_classifier(
     Inputs get Gaussian noise (std `noise`) during training so the classifier (and its gradient) is
     sensible slightly off the data manifold, where generated samples live.
     """
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # a tiny net: one thread is as fast, and much faster on a busy CPU
+    try:
+        return _train(seed, epochs, width, noise, batch_size, lr)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _train(
+    seed: int, epochs: int, width: int, noise: float, batch_size: int, lr: float
+) -> tuple[DigitsCNN, float]:
     x_tr, y_tr, x_te, y_te = load_digits_data(seed)
     g = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
@@ -141,6 +152,12 @@ def load_digits_classifier(path: str | Path | None = None, train_if_missing: boo
     return model.eval()
 
 
+def _check_target(target: object) -> None:
+    ok = target is None or (isinstance(target, int) and not isinstance(target, bool) and 0 <= target <= 9)
+    if not ok:
+        raise ConfigError(f"reward 'digits': target must be an integer 0..9 or null, got {target!r}")
+
+
 class DigitsClassReward(Reward):
     """log p(target | image) under the digits classifier. Differentiable.
 
@@ -152,8 +169,7 @@ class DigitsClassReward(Reward):
 
     def __init__(self, classifier: nn.Module, target: int | None = 3):
         super().__init__()
-        if target is not None and not (isinstance(target, int) and 0 <= target <= 9):
-            raise ConfigError(f"reward 'digits': target must be an integer 0..9 or null, got {target!r}")
+        _check_target(target)
         self.classifier = classifier
         self.target = target
         self.needs_prompts = target is None
@@ -170,7 +186,7 @@ class DigitsClassReward(Reward):
         return torch.tensor([int(str(p).strip()) for p in prompts], dtype=torch.long, device=device)
 
     def score(self, images: torch.Tensor, prompts: list[str] | None) -> torch.Tensor:
-        logp = F.log_softmax(self.classifier(images).float(), dim=1)
+        logp = F.log_softmax(at_least_fp32(self.classifier(images)), dim=1)
         t = self.targets(images.shape[0], prompts, images.device)
         return logp.gather(1, t[:, None]).squeeze(1)
 
@@ -179,4 +195,5 @@ class DigitsClassReward(Reward):
 def _build_digits(
     target: int | None = 3, classifier_path: str | None = None, train_if_missing: bool = True
 ) -> Reward:
+    _check_target(target)
     return DigitsClassReward(load_digits_classifier(classifier_path, train_if_missing), target)

@@ -24,6 +24,7 @@ from torch import nn
 from diffdiv.config import ConfigError
 from diffdiv.rewards.base import (
     Reward,
+    at_least_fp32,
     check_inputs,
     existing_path,
     register_reward,
@@ -39,8 +40,9 @@ def pool_similarity(
     frame_emb: torch.Tensor, pool: torch.Tensor, mask: torch.Tensor | None = None
 ) -> torch.Tensor:
     """IPRO pool score: frames (B, F, D), pool (B, P, D) [, mask (B, P)] -> mean_f max_p cos (B,)."""
-    a = F.normalize(frame_emb.float(), dim=-1, eps=1e-8)
-    p = F.normalize(pool.float(), dim=-1, eps=1e-8)
+    dtype = at_least_fp32(torch.empty(0, dtype=torch.promote_types(frame_emb.dtype, pool.dtype))).dtype
+    a = F.normalize(frame_emb.to(dtype), dim=-1, eps=1e-8)
+    p = F.normalize(pool.to(dtype), dim=-1, eps=1e-8)
     cos = a @ p.transpose(1, 2)  # (B, F, P)
     if mask is not None:
         cos = cos.masked_fill(~mask[:, None, :], float("-inf"))
@@ -112,11 +114,11 @@ class IdentityPoolReward(Reward):
 def embed_references(encoder: nn.Module, images: torch.Tensor | list[torch.Tensor]) -> torch.Tensor:
     """Embed reference images: (P, C, H, W) -> (P, D); (B, P, C, H, W) -> (B, P, D); list -> (P, D)."""
     if isinstance(images, (list, tuple)):
-        return torch.cat([encoder(x[None]) for x in images]).float()
+        return at_least_fp32(torch.cat([encoder(x[None]) for x in images]))
     if images.ndim == 5:
         b, p = images.shape[:2]
-        return encoder(images.reshape(b * p, *images.shape[2:])).reshape(b, p, -1).float()
-    return encoder(images).float()
+        return at_least_fp32(encoder(images.reshape(b * p, *images.shape[2:])).reshape(b, p, -1))
+    return at_least_fp32(encoder(images))
 
 
 class HOGEncoder(nn.Module):
@@ -137,7 +139,7 @@ class HOGEncoder(nn.Module):
         self.register_buffer("center", None if center is None else center.detach().float())
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        x = to_unit(images.float()).mean(dim=1, keepdim=True)
+        x = to_unit(at_least_fp32(images)).mean(dim=1, keepdim=True)
         if x.shape[-2:] != (self.size, self.size):
             x = F.interpolate(
                 x, size=(self.size, self.size), mode="bilinear", align_corners=False, antialias=True

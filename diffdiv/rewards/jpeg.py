@@ -213,7 +213,7 @@ def soft_bits(c: torch.Tensor, q: torch.Tensor, delta: float) -> torch.Tensor:
 
 def jpeg_rate_proxy_kb(images: torch.Tensor, quality: int = 95, delta: float = 1.0) -> torch.Tensor:
     """Differentiable estimate of the JPEG size (bits / 8000) of [-1, 1] images (N, C, H, W)."""
-    x = to_unit(images.float())
+    x = to_unit(images if images.dtype == torch.float64 else images.float())
     if x.shape[1] == 3:
         ycc = rgb_to_ycbcr(x)
         chroma = F.avg_pool2d(ycc[:, 1:], 2, ceil_mode=True)
@@ -222,9 +222,9 @@ def jpeg_rate_proxy_kb(images: torch.Tensor, quality: int = 95, delta: float = 1
         planes = [(x[:, 0] * 255.0 - 128.0, False)]
     else:
         raise ValueError(f"JPEG surrogate expects 1 or 3 channels, got {x.shape[1]}")
-    total = torch.zeros(x.shape[0], device=x.device)
+    total = torch.zeros(x.shape[0], device=x.device, dtype=x.dtype)
     for plane, is_chroma in planes:
-        q = quant_table(quality, is_chroma).to(x.device)
+        q = quant_table(quality, is_chroma).to(x)
         coef = block_dct(plane)  # (N, bh, bw, 8, 8)
         ac = soft_bits(coef, q, delta)
         ac = ac.flatten(3)[..., 1:].sum(dim=(1, 2, 3))
