@@ -86,7 +86,7 @@ class _WeightedScoreDifference(torch.autograd.Function):
         ctx.save_for_backward(P, Q, scale)
         ctx.impl, ctx.shape, ctx.x_dtype, ctx.n_elem = impl, shape, x0.dtype, X.shape[1]
         ctx.mark_non_differentiable(g, n)
-        return g, n.float(), loss.float()
+        return g, n, loss
 
     @staticmethod
     def backward(ctx, grad_g, grad_n, grad_loss):
@@ -105,8 +105,9 @@ def weighted_score_difference(x0: Tensor, d_p: Tensor, d_q: Tensor, h: Tensor | 
     """Fused f-distill core -> (g, n, loss) per sample (DESIGN.md 3.1, arXiv 2502.15681 eq. 8).
 
     n = sg(max(mean|x0 - D_p|, eps)) (1 if not normalize), g = sg(h (D_q - D_p) / n) shaped like x0
-    (None when return_g=False, which saves one pass and one buffer), loss (B,) fp32 =
+    (None when return_g=False, which saves one pass and one buffer), loss (B,) =
     1/2 mean (x0 - sg(x0 - g))^2 whose gradient is g / N w.r.t. x0 only; D_p, D_q, h get no gradient.
+    n and loss are fp32 (float64 for float64 inputs).
     """
     if x0.shape != d_p.shape or x0.shape != d_q.shape:
         raise ValueError(f"x0, d_p, d_q must share a shape, got {tuple(x0.shape)}, {tuple(d_p.shape)}, "
