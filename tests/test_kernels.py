@@ -88,7 +88,8 @@ def test_torch_backend_matches_float64(dtype, B, shape, normalize, equal_row):
     g, n, loss = weighted_score_difference(x, d_p, d_q, h, backend="torch", normalize=normalize)
     loss.sum().backward()
     ref = reference64(x0, d_p, d_q, h, normalize)
-    assert g.dtype == dtype and g.shape == x0.shape and n.dtype == torch.float32 and loss.dtype == torch.float32
+    assert g.dtype == dtype and g.shape == x0.shape
+    assert n.dtype == torch.float32 and loss.dtype == torch.float32
     msg = f"seed={seed}"
     assert _rel_excess(n, ref["n"], torch.float32) <= 1, msg
     assert _rel_excess(loss, ref["loss"], torch.float32) <= 1, msg
@@ -205,8 +206,8 @@ def _worker(out_path: str) -> None:  # runs with TRITON_INTERPRET=1 in a fresh i
         ref = reference64(x0, d_p, d_q, h, c["normalize"])
         nan = float("nan")
         chunk, C = triton_score._launch_shape(B, N, c["block"], c["chunk"])
-        bufs = dict(n_out=torch.full((B,), nan), loss_out=torch.full((B,), nan),
-                    scale_out=torch.full((B,), nan), partials=(torch.full((B * C,), nan), torch.full((B * C,), nan)))
+        bufs = dict(n_out=torch.full((B,), nan), loss_out=torch.full((B,), nan), scale_out=torch.full((B,), nan),
+                    partials=(torch.full((B * C,), nan), torch.full((B * C,), nan)))
         n, loss, scale = triton_score.wsd_forward(X, P, Q, h, c["normalize"], 1e-5, block=c["block"],
                                                   chunk=c["chunk"], **bufs)
         g = triton_score.scaled_diff(P, Q, scale, out=torch.full((B, N), nan, dtype=dtype), block=c["block"],
