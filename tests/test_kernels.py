@@ -192,6 +192,10 @@ def _case_id(c):
         "" if c["normalize"] else "-nonorm") + ("-eqrow" if c["equal_row"] else "")
 
 
+def _poison(k: int) -> torch.Tensor:
+    return torch.full((k,), float("nan"))
+
+
 def _worker(out_path: str) -> None:  # runs with TRITON_INTERPRET=1 in a fresh interpreter
     from diffdiv.divergence.kernels import triton_score  # noqa: F401  (decorated in interpreter mode)
 
@@ -206,8 +210,8 @@ def _worker(out_path: str) -> None:  # runs with TRITON_INTERPRET=1 in a fresh i
         ref = reference64(x0, d_p, d_q, h, c["normalize"])
         nan = float("nan")
         chunk, C = triton_score._launch_shape(B, N, c["block"], c["chunk"])
-        poison = lambda k: torch.full((k,), nan)  # noqa: E731
-        bufs = dict(n_out=poison(B), loss_out=poison(B), scale_out=poison(B), partials=(poison(B * C), poison(B * C)))
+        bufs = dict(n_out=_poison(B), loss_out=_poison(B), scale_out=_poison(B),
+                    partials=(_poison(B * C), _poison(B * C)))
         n, loss, scale = triton_score.wsd_forward(X, P, Q, h, c["normalize"], 1e-5, block=c["block"],
                                                   chunk=c["chunk"], **bufs)
         g = triton_score.scaled_diff(P, Q, scale, out=torch.full((B, N), nan, dtype=dtype), block=c["block"],
