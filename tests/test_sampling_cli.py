@@ -102,3 +102,22 @@ def test_cli_vector_model_and_errors(tmp_path):
         r = _run_cli("sample", *args)
         assert r.returncode == 2, (args, r.stderr)
         assert needle in r.stderr and "Traceback" not in r.stderr
+
+
+def test_cli_samples_tiny_sd_pipeline_with_cfg(tmp_path):
+    """A tiny SD pipeline built from configs, saved, loaded back offline and sampled with CFG."""
+    from diffdiv.models.tiny import build_tiny_sd
+
+    model = build_tiny_sd(tmp_path / "sd")
+    outs = {}
+    for name, gs in [("g1", "1.0"), ("g45", "4.5"), ("g45b", "4.5")]:
+        r = _run_cli("sample", "--model", str(model), "--num-samples", "4", "--steps", "3", "--seed", "5",
+                     "--prompt", "a photo of a cat", "--guidance-scale", gs, "--out", str(tmp_path / f"{name}.npz"))
+        assert r.returncode == 0, r.stderr
+        outs[name] = np.load(tmp_path / f"{name}.npz")
+    assert outs["g45"]["images"].shape == (4, 3, 32, 32)
+    assert outs["g45"]["samples"].shape == (4, 4, 8, 8)
+    assert np.array_equal(outs["g45"]["samples"], outs["g45b"]["samples"])
+    assert np.abs(outs["g45"]["samples"] - outs["g1"]["samples"]).max() > 1e-3
+    assert list(outs["g45"]["prompts"]) == ["a photo of a cat"] * 4
+    assert (tmp_path / "g45.png").is_file()
