@@ -455,7 +455,7 @@ def test_digits_classifier_accuracy_and_target_reward(digits_path):
     torch.testing.assert_close(rp(x_te[:6], labels), torch.log_softmax(clf(x_te[:6]), 1)[range(6), y_te[:6]])
     big = F.interpolate(x_te[:6], scale_factor=4, mode="nearest").expand(-1, 3, -1, -1)
     torch.testing.assert_close(rp(big, labels), rp(x_te[:6], labels), rtol=1e-5, atol=1e-5)
-    auto, fd = directional_fd(r, x_te[:4])
+    auto, fd = directional_fd(r.double(), x_te[:4])
     assert abs(auto - fd) <= 1e-4 * max(1.0, abs(fd))
 
 

@@ -3,7 +3,16 @@
 Every reward is a frozen `Reward(nn.Module)`: `reward(images, prompts=None) -> (B,)` float32, with
 images in [-1, 1] of shape (B, C, H, W) or videos (B, F, C, H, W) (mean over frames). The class
 attribute `differentiable` says whether first-order methods may back-propagate through it.
-Build one from config with `build_reward({"name": ..., **kwargs})`; `available_rewards()` lists names.
+Build one from config with `build_reward({"name": ..., **kwargs})`; `available_rewards()` lists names:
+
+    {name: jpeg_compressibility}                     # DDPO: -JPEG size (kB), not differentiable
+    {name: jpeg_incompressibility}                   # DDPO: +JPEG size (kB), not differentiable
+    {name: jpeg_compressibility_surrogate, kind: dct}  # differentiable JPEG-size proxy (or kind: tv)
+    {name: aesthetic, clip_path: DIR_OR_HUB_ID, head_path: FILE.safetensors}
+    {name: clip_similarity, clip_path: DIR_OR_HUB_ID, scale: 1.0}
+    {name: identity_pool, encoder: clip|hog|"pkg.mod:factory", clip_path: ..., reference_dir: DIR}
+    {name: digits, target: 3, classifier_path: FILE}  # log p(target | x), trains + caches if missing
+    {name: callable, target: "pkg.module:fn", differentiable: false, kwargs: {...}}
 """
 
 from diffdiv.rewards.aesthetic import AestheticHead, AestheticReward

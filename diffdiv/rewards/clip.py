@@ -182,7 +182,7 @@ def cosine_similarity(a: torch.Tensor, b: torch.Tensor, eps: float = 1e-8) -> to
 
 
 class ClipSimilarityReward(Reward):
-    """`scale * cos(CLIP_image(x), CLIP_text(prompt))` (CLIPScore without the clamp at 0).
+    """`scale * cos(CLIP_image(x), CLIP_text(prompt))`; CLIPScore is scale=100 clamped at 0.
 
     Differentiable in the images; text embeddings are computed without gradients.
     """

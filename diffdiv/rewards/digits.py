@@ -11,7 +11,6 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, safe_open, save_file
@@ -28,17 +27,16 @@ def default_cache_dir() -> Path:
     return Path(os.environ.get("DIFFDIV_CACHE", Path.home() / ".cache" / "diffdiv")).expanduser()
 
 
-def load_digits_data(seed: int = 0, test_fraction: float = 0.2) -> tuple[torch.Tensor, ...]:
-    """sklearn digits as (x_train, y_train, x_test, y_test); x in [-1, 1], shape (N, 1, 8, 8)."""
-    from sklearn.datasets import load_digits
+def load_digits_data() -> tuple[torch.Tensor, ...]:
+    """The project's fixed stratified digits split (diffdiv.data.digits): (x_train, y_train, x_test, y_test).
 
-    d = load_digits()
-    x = torch.tensor(d.images, dtype=torch.float32)[:, None] / 8.0 - 1.0
-    y = torch.tensor(d.target, dtype=torch.long)
-    perm = torch.from_numpy(np.random.default_rng(seed).permutation(len(y)))
-    n_test = int(round(test_fraction * len(y)))
-    te, tr = perm[:n_test], perm[n_test:]
-    return x[tr], y[tr], x[te], y[te]
+    x in [-1, 1] (pixel / 8 - 1), shape (N, 1, 8, 8).
+    """
+    from diffdiv.data.digits import load_digits_tensor
+
+    x_tr, y_tr = load_digits_tensor("train", return_labels=True)
+    x_te, y_te = load_digits_tensor("test", return_labels=True)
+    return x_tr, y_tr, x_te, y_te
 
 
 class DigitsCNN(nn.Module):
@@ -78,11 +76,11 @@ def train_digits_classifier(
     seed: int = 0,
     epochs: int = 40,
     width: int = 32,
-    noise: float = 0.1,
+    noise: float = 0.2,
     batch_size: int = 128,
     lr: float = 1e-2,
 ) -> tuple[DigitsCNN, float]:
-    """Train `DigitsCNN` on 80% of sklearn digits (fixed split/seed); returns (model, held-out accuracy).
+    """Train `DigitsCNN` on the project's digits train split; returns (model, test-split accuracy).
 
     Inputs get Gaussian noise (std `noise`) during training so the classifier (and its gradient) is
     sensible slightly off the data manifold, where generated samples live.
@@ -98,7 +96,7 @@ def train_digits_classifier(
 def _train(
     seed: int, epochs: int, width: int, noise: float, batch_size: int, lr: float
 ) -> tuple[DigitsCNN, float]:
-    x_tr, y_tr, x_te, y_te = load_digits_data(seed)
+    x_tr, y_tr, x_te, y_te = load_digits_data()
     g = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
     model = DigitsCNN(width)
