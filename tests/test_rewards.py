@@ -225,13 +225,13 @@ def test_surrogate_gradient_is_correct_and_lowers_true_jpeg_size():
     assert abs(auto - fd) <= 1e-4 * max(1.0, abs(fd))
     # first-order ascent on the surrogate reduces the real (non-differentiable) JPEG size
     x = noisy.clone().requires_grad_(True)
-    opt = torch.optim.Adam([x], lr=0.02)
+    opt = torch.optim.Adam([x], lr=0.05)
     for _ in range(30):
         opt.zero_grad()
         (-r(x).sum()).backward()
         opt.step()
     before, after = jpeg_sizes_kb(noisy), jpeg_sizes_kb(x.detach().clamp(-1, 1))
-    assert (after < 0.8 * before).all(), (before, after)
+    assert (after < 0.75 * before).all(), (before, after)  # measured ratio ~0.64
 
 
 # ----------------------------------------------------------------------------- CLIP
