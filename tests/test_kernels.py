@@ -98,6 +98,20 @@ def test_torch_backend_matches_float64(dtype, B, shape, normalize, equal_row):
     assert _rel_excess(x.grad, ref["grad"], dtype) <= 1, msg
 
 
+def test_torch_backend_tiles(monkeypatch):
+    from diffdiv.divergence.kernels import reference
+
+    monkeypatch.setattr(reference, "_BLOCK_ELEMS", 50)  # many ragged tiles, rows split across tiles
+    for shape in [(3, 7), (4, 123), (70, 3)]:
+        x0, d_p, d_q, h = _inputs(shape[0], shape[1:], torch.float32, 11)
+        x = x0.clone().requires_grad_(True)
+        g, n, loss = weighted_score_difference(x, d_p, d_q, h, backend="torch")
+        loss.sum().backward()
+        ref = reference64(x0, d_p, d_q, h)
+        for out, key in ((n, "n"), (loss, "loss"), (g, "g"), (x.grad, "grad")):
+            assert _rel_excess(out, ref[key], torch.float32) <= 1, (shape, key)
+
+
 def test_float64_inputs_stay_float64():
     x0, d_p, d_q, h = _inputs(3, (11,), torch.float64, 0)
     g, n, loss = weighted_score_difference(x0, d_p, d_q, h)

@@ -5,8 +5,8 @@ Per sample b (rows of length N after flattening):
     s_b    = h_b / n_b
     g_b    = s_b (D_q - D_p)                      (DESIGN.md 3.1, f-distill generator direction)
     loss_b = 1/2 mean_j (x0 - sg(x0 - g))^2 = 1/2 s_b^2 mean_j (D_q - D_p)^2,   d loss_b / d x0 = g_b / N.
-Arithmetic is fp32 for half inputs (float64 stays float64). Rows are processed in groups so the
-temporaries stay bounded whatever the batch size.
+Arithmetic is fp32 for half inputs (float64 stays float64). The arrays are processed in tiles so the
+temporaries stay bounded (256 KiB fp32 each) whatever the size.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-_GROUP_ELEMS = 1 << 22  # temporaries are at most this many elements per group of rows
+_BLOCK_ELEMS = 1 << 16  # temporaries are at most this many elements (256 KiB in fp32) at a time
 
 
 def compute_dtype(*ts: Tensor) -> torch.dtype:
@@ -25,10 +25,13 @@ def compute_dtype(*ts: Tensor) -> torch.dtype:
     return dt
 
 
-def _row_groups(B: int, N: int):
-    step = max(1, _GROUP_ELEMS // max(N, 1))
-    for i in range(0, B, step):
-        yield slice(i, min(B, i + step))
+def _blocks(B: int, N: int):
+    """(row slice, column slice) tiles of at most _BLOCK_ELEMS elements covering a (B, N) array."""
+    cols = min(N, _BLOCK_ELEMS)
+    rows = max(1, _BLOCK_ELEMS // max(cols, 1))
+    for i in range(0, B, rows):
+        for j in range(0, N, cols):
+            yield slice(i, min(B, i + rows)), slice(j, min(N, j + cols))
 
 
 def wsd_forward(x0: Tensor, d_p: Tensor, d_q: Tensor, h: Tensor, normalize: bool = True,
@@ -36,17 +39,17 @@ def wsd_forward(x0: Tensor, d_p: Tensor, d_q: Tensor, h: Tensor, normalize: bool
     """(B, N) inputs, h (B,) -> (n, loss, scale = h/n), each (B,) in the compute dtype."""
     B, N = x0.shape
     ct = compute_dtype(x0, d_p, d_q)
-    n = torch.empty(B, dtype=ct, device=x0.device)
-    sumsq = torch.empty(B, dtype=ct, device=x0.device)
-    for sl in _row_groups(B, N):
-        p = d_p[sl].to(ct)
-        diff = d_q[sl].to(ct) - p
-        sumsq[sl] = torch.linalg.vector_norm(diff, dim=1) ** 2  # sum_j (D_q - D_p)^2
+    sum_abs = torch.zeros(B, dtype=ct, device=x0.device)
+    sumsq = torch.zeros(B, dtype=ct, device=x0.device)
+    for rs, cs in _blocks(B, N):
+        p = d_p[rs, cs].to(ct)
+        diff = d_q[rs, cs].to(ct) - p
+        sumsq[rs] += torch.linalg.vector_norm(diff, dim=1) ** 2  # sum_j (D_q - D_p)^2
         if normalize:
-            torch.sub(x0[sl].to(ct), p, out=diff)
-            n[sl] = diff.abs_().sum(1) / N
+            torch.sub(x0[rs, cs].to(ct), p, out=diff)
+            sum_abs[rs] += diff.abs_().sum(1)
         del diff, p
-    n = n.clamp_min(eps) if normalize else torch.ones_like(n)
+    n = (sum_abs / N).clamp_min(eps) if normalize else torch.ones_like(sum_abs)
     scale = h.to(ct) / n
     loss = 0.5 * scale**2 * sumsq / N
     return n, loss, scale
@@ -60,7 +63,7 @@ def scaled_diff(d_p: Tensor, d_q: Tensor, coef: Tensor, out_dtype: torch.dtype |
         out = torch.empty(d_p.shape, dtype=out_dtype or d_p.dtype, device=d_p.device)
     B, N = d_p.shape
     c = coef.to(ct)
-    for sl in _row_groups(B, N):
-        diff = d_q[sl].to(ct) - d_p[sl].to(ct)
-        out[sl] = diff.mul_(c[sl, None])
+    for rs, cs in _blocks(B, N):
+        diff = d_q[rs, cs].to(ct) - d_p[rs, cs].to(ct)
+        out[rs, cs] = diff.mul_(c[rs, None])
     return out
