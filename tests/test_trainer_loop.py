@@ -89,7 +89,7 @@ def test_nonfinite_guard_skips_then_stops(tmp_path):
     with pytest.raises(TrainingError, match="3 steps in a row"):
         tr.train()
     assert tr.state.nonfinite_total == 4  # step 2 skipped, then 5,6,7 -> stop
-    for k, v in tr.model.state_dict().items():
+    for _k, v in tr.model.state_dict().items():
         assert torch.isfinite(v).all()
     assert any(not torch.equal(before[k], v) for k, v in tr.model.state_dict().items())
 

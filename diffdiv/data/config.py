@@ -31,9 +31,9 @@ class DataConfig:
 
     def preflight(self) -> None:
         if self.kind == "image_folder":
-            from diffdiv.data.images import list_images
+            from diffdiv.data.images import check_images, list_images
 
-            list_images(self.path)
+            check_images(list_images(self.path)[: self.limit])
 
 
 class Dataset:

@@ -22,6 +22,18 @@ def list_images(folder: str | Path) -> list[Path]:
     return files
 
 
+def check_images(files: list[Path]) -> None:
+    """Open every image header (cheap) so an unreadable file fails before training starts."""
+    from PIL import Image, UnidentifiedImageError
+
+    for f in files:
+        try:
+            with Image.open(f) as im:
+                im.verify()
+        except (UnidentifiedImageError, OSError, SyntaxError) as e:
+            raise ConfigError(f"cannot read image {f}: {type(e).__name__}") from None
+
+
 def load_image(path: str | Path, size: int, channels: int = 3) -> torch.Tensor:
     """One image -> (C, size, size) float32 in [-1, 1] (center crop, bicubic resize)."""
     from PIL import Image, UnidentifiedImageError

@@ -23,7 +23,8 @@ class GaussianMixture:
     Noising x_t = a x0 + s eps keeps it a mixture: N(a mu_k, a^2 std_k^2 + s^2).
     """
 
-    def __init__(self, means: Tensor | Sequence, stds: Tensor | Sequence | float, weights: Tensor | Sequence | None = None,
+    def __init__(self, means: Tensor | Sequence, stds: Tensor | Sequence | float,
+                 weights: Tensor | Sequence | None = None,
                  labels: Tensor | Sequence | None = None):
         means = torch.as_tensor(means, dtype=torch.float64)
         if means.ndim != 2 or means.shape[0] == 0:

@@ -66,13 +66,22 @@ def read_meta(path: str | os.PathLike) -> dict[str, Any]:
 
 
 def load_denoiser(path_or_id: str | os.PathLike, guidance_scale: float | None = None,
-                  torch_dtype: torch.dtype | None = None, **kwargs: Any) -> Denoiser:
-    """A diffusers pipeline (folder or hub id) -> Denoiser."""
+                  torch_dtype: torch.dtype | None = None, allow_pickle: bool = False, **kwargs: Any) -> Denoiser:
+    """A diffusers pipeline (folder or hub id) -> Denoiser.
+
+    Weights load from safetensors only; pickle (`.bin`/`.ckpt`) weights are refused unless
+    `allow_pickle=True` (unpickling runs arbitrary code from the file).
+    """
     index = read_model_index(path_or_id)
+    if not allow_pickle:
+        _refuse_pickle_only(path_or_id)
+        kwargs.setdefault("use_safetensors", True)
     cls = index.get("_class_name", "")
     meta = read_meta(path_or_id) if _is_local(path_or_id) else {}
     gs = guidance_scale if guidance_scale is not None else meta.get("guidance_scale", 1.0)
     dtype_kw = {"torch_dtype": torch_dtype} if torch_dtype is not None else {}
+    safe_kw = {"use_safetensors": kwargs.pop("use_safetensors")} if "use_safetensors" in kwargs else {}
+    dtype_kw.update(safe_kw)
     if cls in UNET_PIPELINES:
         pipe = DDPMPipeline.from_pretrained(path_or_id, **dtype_kw)
         return UNetDenoiser(pipe.unet, pipe.scheduler, guidance_scale=gs)
@@ -83,8 +92,26 @@ def load_denoiser(path_or_id: str | os.PathLike, guidance_scale: float | None = 
     if cls in TEXT2IMG_PIPELINES:
         from diffdiv.models import text2img
 
-        return text2img.load_text2img(path_or_id, cls, guidance_scale=gs, torch_dtype=torch_dtype, **kwargs)
+        return text2img.load_text2img(path_or_id, cls, guidance_scale=gs, torch_dtype=torch_dtype, **safe_kw,
+                                      **kwargs)
     raise ConfigError(f"unsupported pipeline class '{cls}' in {path_or_id}")
+
+
+PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth", ".pkl")
+
+
+def _refuse_pickle_only(path_or_id: str | os.PathLike) -> None:
+    """One-line error if a local model component holds pickle weights but no safetensors."""
+    root = Path(path_or_id)
+    if not root.exists():
+        return
+    for comp in [root, *[p for p in root.iterdir() if p.is_dir()]]:
+        files = [p for p in comp.iterdir() if p.is_file()]
+        has_safe = any(p.suffix == ".safetensors" for p in files)
+        pickled = [p.name for p in files if p.suffix in PICKLE_SUFFIXES]
+        if pickled and not has_safe:
+            raise ConfigError(f"{comp} holds pickle weights ({pickled[0]}) and no safetensors; refusing to unpickle "
+                              "(convert to safetensors, or set allow_pickle=true if you trust the file)")
 
 
 def _schedule_of(scheduler):

@@ -42,6 +42,7 @@ class TeacherConfig:
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     guidance_scale: float = 1.0
     dtype: Literal["float32", "float16", "bfloat16"] = "float32"
+    allow_pickle: bool = False  # load .bin/.ckpt weights (unpickling runs code from the file)
 
     def validate(self) -> None:
         if self.kind == "pipeline":
@@ -71,7 +72,7 @@ def build_teacher(cfg: TeacherConfig) -> Denoiser:
         return t
     from diffdiv.models.loading import load_denoiser
 
-    return load_denoiser(cfg.path, guidance_scale=cfg.guidance_scale,
+    return load_denoiser(cfg.path, guidance_scale=cfg.guidance_scale, allow_pickle=cfg.allow_pickle,
                          torch_dtype=torch_dtype(cfg.dtype) if cfg.dtype != "float32" else None)
 
 

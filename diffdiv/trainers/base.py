@@ -231,6 +231,15 @@ class Trainer:
         torch.distributed.all_reduce(y)
         return y / self.world
 
+    def _mean_over_ranks(self, logs: dict[str, float]) -> dict[str, float]:
+        """Average logged scalars over processes (every rank logs the same keys at the same steps)."""
+        if self.world == 1 or not logs:
+            return logs
+        keys = sorted(logs)
+        v = torch.tensor([logs[k] for k in keys], dtype=torch.float64, device=self.device)
+        torch.distributed.all_reduce(v)
+        return {k: float(x) / self.world for k, x in zip(keys, v.tolist())}
+
     def log(self, **values: float) -> None:
         """Extra scalars for the current step (merged into the step's log)."""
         self._extra_logs.update({k: float(v) for k, v in values.items()})
@@ -395,10 +404,14 @@ class Trainer:
         if self.cfg.batch_size % acc.num_processes:
             raise ConfigError(f"batch_size {self.cfg.batch_size} is not divisible by the "
                               f"{acc.num_processes} processes")
+        if acc.is_main_process and self.ckpt_dir.is_dir():
+            for stale in self.ckpt_dir.glob(f".tmp-{CKPT_PREFIX}*"):  # saves interrupted by a crash
+                shutil.rmtree(stale, ignore_errors=True)
+        acc.wait_for_everyone()
         self.build()
         for m in self.frozen.values():
             m.to(acc.device)
-        for name, n in self.nets.items():
+        for _name, n in self.nets.items():
             n.module.to(acc.device)
             for p in n.params:
                 p.requires_grad_(True)
@@ -502,6 +515,7 @@ class Trainer:
                 logs.update(self._extra_logs)
                 logs["nonfinite_total"] = float(self.state.nonfinite_total)
                 if self.state.step % cfg.log_every == 0 or self.state.step == cfg.max_steps:
+                    logs = self._mean_over_ranks(logs)
                     logs["step"] = float(self.state.step)
                     logs["elapsed_s"] = time.time() - t0
                     self.history.append(logs)
@@ -540,6 +554,9 @@ class Trainer:
         acc.wait_for_everyone()
         metrics: dict[str, Any] = {}
         with self.ema_weights():
+            for name, n in self.nets.items():
+                if not all(bool(torch.isfinite(p).all()) for p in n.params):
+                    raise TrainingError(f"refusing to export: network '{name}' has non-finite weights")
             if acc.is_main_process:
                 self.export(self.out)
             acc.wait_for_everyone()

@@ -161,7 +161,8 @@ def evaluate_model(model: Denoiser, data: Dataset, n: int, steps: int, sampler: 
         st = mode_stats(x, data.mixture)
         ref = data.all(n)
         metrics.update({f"mmd{suffix}": mmd_rbf(ref[:2000], x[:2000]), f"mode_recall{suffix}": st["recall"],
-                        f"far_fraction{suffix}": st["far_fraction"], f"max_rel_mass_error{suffix}": st["max_rel_error"]})
+                        f"far_fraction{suffix}": st["far_fraction"],
+                        f"max_rel_mass_error{suffix}": st["max_rel_error"]})
         if x.shape[1] == 2:
             scatter_2d(x, out / f"samples{suffix}.png", data.mixture.means, ref, title=f"{kind} {steps} steps")
     else:
