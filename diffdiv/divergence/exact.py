@@ -101,7 +101,7 @@ def f_divergence_quadrature(mixture: GaussianMixture, A: Tensor, b: Tensor, alph
     x, area = _grid(mixture, mean, cov, alpha, sigma, n_grid, half_width)
     logq = gaussian_log_prob(x, mean, cov)
     logp = mixture.log_prob(x, alpha, sigma)
-    integrand = torch.exp(logq) * f_value(torch.exp(logp - logq), name)  # eq.: D_f = E_q[f(p/q)]
+    integrand = torch.exp(logq) * f_value(torch.exp(logp - logq), name)  # D_f = E_q[f(p/q)] (DESIGN.md 3.1)
     return integrand.sum() * area
 
 

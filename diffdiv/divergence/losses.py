@@ -51,7 +51,7 @@ def _reduce(per_elem_sum: Tensor, n_elem: int, reduction: str) -> Tensor:
 
 
 def denoiser_normalizer(x0: Tensor, d_p: Tensor, eps: float = _NORM_EPS) -> Tensor:
-    """n = sg(max(mean|x0 - D_p|, eps)) per sample (B,), fp32 (DMD2 eq. 7 / SiD weight_factor)."""
+    """n = sg(max(mean|x0 - D_p|, eps)) per sample (B,), fp32 (DMD / DMD2 normalizer, SiD weight_factor)."""
     with torch.no_grad():
         return (_f32(x0) - _f32(d_p)).abs().mean(1).clamp_min(eps)
 
@@ -63,7 +63,8 @@ def denoiser_normalizer(x0: Tensor, d_p: Tensor, eps: float = _NORM_EPS) -> Tens
 
 def fdistill_loss(x0: Tensor, d_p: Tensor, d_q: Tensor, h: Tensor | float, normalize: bool = True, *,
                   eps: float = _NORM_EPS, reduction: str = "mean", backend: str = "auto") -> Tensor:
-    """f-distill generator loss (arXiv 2502.15681 eq. 8): 1/2 mean (x0 - sg(x0 - g))^2, g = h (D_q - D_p)/n.
+    """f-distill generator loss (arXiv 2502.15681, DESIGN.md 3.1): 1/2 mean (x0 - sg(x0 - g))^2,
+    g = h (D_q - D_p)/n.
 
     d loss_b / d x0 = g_b / N. With normalize=False and h = f_weight(r) its expected gradient is
     sigma^2 / (alpha^2 N) * grad D_f(p_t || q_t) at each sample's noise level.
@@ -79,7 +80,7 @@ def vsd_loss(x0: Tensor, d_p: Tensor, d_q: Tensor, normalize: bool = True, *, ep
              reduction: str = "mean", backend: str = "auto") -> Tensor:
     """Diff-Instruct / DMD (VSD) generator loss: `fdistill_loss` with h = 1 (reverse KL).
 
-    DMD2 (arXiv 2405.14867 eq. 7) normalizes by n = mean|x0 - D_p| (normalize=True, the default);
+    DMD / DMD2 (arXiv 2311.18828, 2405.14867) normalize by n = mean|x0 - D_p| (normalize=True, the default);
     Diff-Instruct (arXiv 2305.18455) uses the raw difference (normalize=False) whose expected gradient
     is sigma^2 / (alpha^2 N) * grad KL(q_t || p_t).
     """
@@ -93,7 +94,7 @@ def vsd_loss(x0: Tensor, d_p: Tensor, d_q: Tensor, normalize: bool = True, *, ep
 
 def sid_loss(x0: Tensor, d_p: Tensor, d_q: Tensor, alpha_sid: float = 1.2, normalize: bool = True, *,
              eps: float = _NORM_EPS, reduction: str = "mean") -> Tensor:
-    """SiD generator loss (Zhou et al. 2024, arXiv 2404.04057 eq. 23 with the official normalizer):
+    """SiD generator loss (Zhou et al. 2024, arXiv 2404.04057; alpha-weighted, official normalizer):
     (D_p - D_q)^T [(D_p - x0) - alpha_sid (D_p - D_q)] / n, per sample.
 
     Gradients flow through x0 and through d_p, d_q (pass them with graph to x_t, networks frozen).
@@ -119,7 +120,7 @@ def sim_loss(x0: Tensor, d_p: Tensor, d_q: Tensor, alpha: Tensor | float, sigma:
              distance: str = "pseudo_huber", c: float | None = None, *, space: str = "x0",
              full_gradient: bool = False, normalize: bool = False, eps: float = _NORM_EPS,
              reduction: str = "mean") -> Tensor:
-    """Score implicit matching loss (SIM, arXiv 2410.16794 Thm 3.1; DI*, arXiv 2410.20898 eq. 3.4):
+    """Score implicit matching loss (SIM, arXiv 2410.16794, score-gradient theorem; DI*, arXiv 2410.20898):
     d'(y)^T (s_q - grad log q(x_t|x0)) in x0 units, i.e. k d'(y)^T (D_q - x0), y = k (D_p - D_q), per sample.
 
     space="x0": k = 1; space="score": k = alpha / sigma^2 (y is the score difference s_p - s_q).
@@ -167,7 +168,7 @@ def x0_loss_weight(alpha: Tensor | float, sigma: Tensor | float, weighting: str 
     """Weight w(t) making w ||D - x0||^2 equal the squared error of the named prediction type.
 
     eps: alpha^2/sigma^2; v: ((alpha^2 + sigma^2)/sigma)^2; flow (u = eps - x0): ((alpha + sigma)/sigma)^2;
-    edm (Karras et al. 2022 eq. 8 at sigma/alpha): (s^2 + sd^2)/(s sd)^2 with s = sigma/alpha; x0: 1.
+    edm (Karras et al. 2022, Table 1 loss weighting at s = sigma/alpha): (s^2 + sd^2)/(s sd)^2; x0: 1.
     """
     a = torch.as_tensor(alpha, dtype=torch.float64)
     s = torch.as_tensor(sigma, dtype=torch.float64)
