@@ -325,7 +325,8 @@ def table(sizes: tuple[int, ...] = SIZES) -> str:
         for N in sizes:
             st = _stats(idx, N)
             fmt = lambda v: f"({float(v[4]):+.5f}, {float(v[5]):+.5f})"  # noqa: E731
-            lines.append(f"| {case.name} | {case.claim} | {N} | {fmt(st['est'])} | {fmt(st['exact'])} | "
+            claim = case.claim.replace("|", "\\|")  # pipes inside a markdown cell
+            lines.append(f"| {case.name} | {claim} | {N} | {fmt(st['est'])} | {fmt(st['exact'])} | "
                          f"{st['rel']:.4f} | {st['se_rel']:.4f} | {st['chi2']:.1f} |")
     lines.append("")
     lines.append(f"chi2 limit (chi^2_6 quantile at 1 - 1e-5): {CHI2_LIMIT:.1f}. Noise levels (alpha, sigma): "
