@@ -57,3 +57,37 @@ def line_plot(xs: Sequence[float], series: dict[str, Sequence[float]], path: str
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path)
     plt.close(fig)
+
+
+def panels_plot(panels: dict[str, dict[str, tuple[Sequence[float], Sequence[float]]]], path: str | Path,
+                xlabel: str = "", title: str = "", logx: bool = False) -> None:
+    """One PNG with a panel per metric; each panel holds one line per series: {panel: {series: (xs, ys)}}."""
+    plt = _plt()
+    k = max(1, len(panels))
+    cols = min(k, 3)
+    rows = (k + cols - 1) // cols
+    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.3 * rows), dpi=100, squeeze=False)
+    for ax in axes.flat[k:]:
+        ax.axis("off")
+    for ax, (name, series) in zip(axes.flat, panels.items(), strict=False):
+        ticks: set[float] = set()
+        for label, (xs, ys) in series.items():
+            ax.plot(list(xs), list(ys), marker="o", ms=3, label=label)
+            ticks.update(float(x) for x in xs)
+        if logx:
+            ax.set_xscale("log")
+        if 0 < len(ticks) <= 12:
+            ax.set_xticks(sorted(ticks))
+            ax.set_xticklabels([f"{t:g}" for t in sorted(ticks)])
+            ax.minorticks_off()
+        ax.set_xlabel(xlabel)
+        ax.set_title(name, fontsize=9)
+        ax.grid(alpha=0.3)
+        if len(series) > 1:
+            ax.legend(fontsize=7)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
