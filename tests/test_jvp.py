@@ -1,0 +1,167 @@
+"""JVP through attention, diffusers UNets and transformers, checked against central finite differences."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from diffdiv.models import jvp as J
+from diffdiv.models.jvp import attention_jvp_reference, jvp, relative_error, set_attention_jvp
+
+
+def fd64(fn, primals, tangents, h=1e-6):
+    """Central finite difference in float64 (error ~ h^2 + 1e-16/h)."""
+    plus = [p + h * v for p, v in zip(primals, tangents)]
+    minus = [p - h * v for p, v in zip(primals, tangents)]
+    with torch.no_grad():
+        return (fn(*plus) - fn(*minus)) / (2 * h)
+
+
+def richardson_fd(fn, primals, tangents, h):
+    """Fourth-order central difference (Richardson): (4 D(h/2) - D(h)) / 3, for fp32 networks."""
+    return (4 * fd64(fn, primals, tangents, h / 2) - fd64(fn, primals, tangents, h)) / 3
+
+
+@pytest.mark.parametrize("case", ["plain", "bool_mask", "additive_mask", "causal", "gqa"])
+def test_attention_jvp_reference_vs_finite_difference(case):
+    g = torch.Generator().manual_seed(0)
+    hq, hk = (4, 2) if case == "gqa" else (3, 3)
+    q = torch.randn(2, hq, 5, 8, generator=g, dtype=torch.float64)
+    k = torch.randn(2, hk, 7 if case != "causal" else 5, 8, generator=g, dtype=torch.float64)
+    v = torch.randn(k.shape, generator=g, dtype=torch.float64)
+    tq, tk, tv = (torch.randn(x.shape, generator=g, dtype=torch.float64) for x in (q, k, v))
+    mask, causal = None, case == "causal"
+    if case == "bool_mask":
+        mask = torch.rand(5, k.shape[2], generator=g) > 0.3
+        mask[:, 0] = True
+    if case == "additive_mask":
+        mask = torch.randn(2, 1, 5, k.shape[2], generator=g, dtype=torch.float64)
+    kw = dict(attn_mask=mask, is_causal=causal, scale=0.3)
+
+    def sdpa(q, k, v):
+        return torch.nn.functional.scaled_dot_product_attention(q, k, v, enable_gqa=(case == "gqa"), **kw)
+
+    out, tout = attention_jvp_reference(q, k, v, tq, tk, tv, **kw)
+    torch.testing.assert_close(out, sdpa(q, k, v), rtol=1e-12, atol=1e-12)
+    assert relative_error(tout, fd64(sdpa, (q, k, v), (tq, tk, tv))) < 1e-8
+    # the hooked SDPA inside torch.func.jvp gives the same tangent
+    _, t2 = jvp(sdpa, (q, k, v), (tq, tk, tv), method="forward")
+    assert relative_error(t2, tout) < 1e-12
+
+
+def test_attention_hook_is_the_path_used(tmp_path):
+    """The installed attention JVP is what `jvp(..., method='forward')` uses inside diffusers attention."""
+    from diffdiv.models.loading import load_denoiser
+    from diffdiv.models.tiny import build_tiny_unet2d
+
+    d = load_denoiser(build_tiny_unet2d(tmp_path / "u"))
+    x, t = torch.randn(2, 1, 8, 8), torch.tensor([300.0, 700.0])
+    dx, dt = torch.randn_like(x), torch.tensor([5.0, -5.0])
+    calls = []
+
+    def zero_tangent(q, k, v, tq, tk, tv, **kw):
+        calls.append(q.shape)
+        out, tout = attention_jvp_reference(q, k, v, tq, tk, tv, **kw)
+        return out, torch.zeros_like(tout)
+
+    _, ref = jvp(d, (x, t), (dx, dt), method="forward")
+    set_attention_jvp(zero_tangent)
+    try:
+        _, hooked = jvp(d, (x, t), (dx, dt), method="forward")
+    finally:
+        set_attention_jvp(None)
+    assert len(calls) == 4  # AttnDown (1) + mid (1) + AttnUp (2)
+    assert relative_error(hooked, ref) > 1e-3  # the zeroed attention tangent changed the result
+    _, math_ = jvp(d, (x, t), (dx, dt), method="forward_math")
+    assert relative_error(math_, ref) < 1e-5
+    assert J.F.scaled_dot_product_attention is J._ORIG_SDPA and J.F.group_norm is J._ORIG_GROUP_NORM
+
+
+# ------------------------------------------------------------------------------------------------
+# Raw diffusers networks in float64: forward-mode JVP vs finite differences (tight)
+# ------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def nets(tmp_path_factory):
+    from diffdiv.models.loading import load_denoiser
+    from diffdiv.models.tiny import build_tiny_sd, build_tiny_sd3
+
+    root = tmp_path_factory.mktemp("tiny_jvp")
+    sd = load_denoiser(build_tiny_sd(root / "sd"))
+    sd3 = load_denoiser(build_tiny_sd3(root / "sd3", t5=False))
+    prompts = ["a red cat", "a house on a hill"]
+    return {"sd": (sd, sd.encode_prompts(prompts)), "sd3": (sd3, sd3.encode_prompts(prompts))}
+
+
+def raw_fn(kind, nets, dtype):
+    import copy
+
+    d, cond = nets[kind]
+    net = copy.deepcopy(d.trainable).to(dtype)
+    emb = cond.embeds.to(dtype)
+    if kind == "sd":
+        return lambda x, t: net(x, t, encoder_hidden_states=emb).sample
+    pooled = cond.pooled.to(dtype)
+    return lambda x, t: net(hidden_states=x, timestep=t, encoder_hidden_states=emb, pooled_projections=pooled).sample
+
+
+@pytest.mark.parametrize("kind", ["sd", "sd3"])
+def test_network_jvp_float64_vs_finite_difference(kind, nets):
+    """x-direction: float64 end to end, tight. t-direction: diffusers builds the sinusoidal time embedding
+    in fp32 even for a float64 network, so the finite difference (Richardson, h = 1e-2) is good to ~1e-4."""
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(2, 4, 8, 8, generator=g, dtype=torch.float64)
+    t = torch.tensor([310.0, 640.0], dtype=torch.float64)
+    dx = torch.randn(x.shape, generator=g, dtype=torch.float64)
+    dt = torch.tensor([40.0, -25.0], dtype=torch.float64)
+    f64 = raw_fn(kind, nets, torch.float64)
+    ref_x = fd64(f64, (x, t), (dx, 0 * dt), h=1e-6)
+    ref_t = richardson_fd(f64, (x, t), (0 * dx, dt), h=1e-2)
+    for method in ("forward", "forward_math"):
+        _, tan_x = jvp(f64, (x, t), (dx, 0 * dt), method=method)
+        _, tan_t = jvp(f64, (x, t), (0 * dx, dt), method=method)
+        _, tan = jvp(f64, (x, t), (dx, dt), method=method)
+        assert relative_error(tan_x, ref_x) < 1e-7, method
+        assert relative_error(tan_t, ref_t) < 5e-4, method
+        assert relative_error(tan, tan_x + tan_t) < 1e-10, method  # linear in the tangent
+    # fp32 forward-mode JVP agrees with the float64 one to fp32 round-off
+    f32 = raw_fn(kind, nets, torch.float32)
+    _, tan32 = jvp(f32, (x.float(), t.float()), (dx.float(), dt.float()), method="forward")
+    assert relative_error(tan32, jvp(f64, (x, t), (dx, dt))[1]) < 1e-4
+
+
+# ------------------------------------------------------------------------------------------------
+# Through the TrigFlow view of the wrappers (fp32, CFG on): forward, math and FD fallback
+# ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", ["sd", "sd3"])
+def test_trigflow_view_jvp_vs_finite_difference(kind, nets):
+    from diffdiv.models.trigflow import TrigFlowView
+
+    d, cond = nets[kind]
+    view = TrigFlowView(d, 0.5, sigma_max=80.0)
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(2, 4, 8, 8, generator=g)
+    t = torch.tensor([0.45, 1.2])
+    cs = torch.cos(t) * torch.sin(t)
+    dx = cs.view(-1, 1, 1, 1) * torch.randn(x.shape, generator=g)
+
+    def fn(x, t):
+        return view(x, t, cond, guidance_scale=2.5)
+
+    # the teacher time moves ~700 timesteps per radian: fp32 differences need h ~ 1e-3 (measured optimum)
+    ref = richardson_fd(fn, (x, t), (dx, cs), h=1e-3)
+    errs = {m: relative_error(jvp(fn, (x, t), (dx, cs), method=m)[1], ref) for m in ("forward", "forward_math")}
+    assert max(errs.values()) < 2e-3, errs
+    _, fd = jvp(fn, (x, t), (dx, cs), method="fd", fd_h=3e-4)
+    assert relative_error(fd, ref) < 5e-3
+    assert math.isfinite(errs["forward"])
+
+
+def test_jvp_rejects_bad_method():
+    with pytest.raises(ValueError, match="unknown jvp method"):
+        jvp(lambda x: x, (torch.ones(1),), (torch.ones(1),), method="reverse")
