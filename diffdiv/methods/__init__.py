@@ -1,0 +1,1 @@
+"""Per-method math (pure functions): one module per method (fdistill, uni_instruct, ...)."""
