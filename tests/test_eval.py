@@ -358,3 +358,34 @@ def test_training_log_reading(tmp_path):
     assert find_training_log(model) == log  # the jsonl wins; a torn last line is skipped
     assert [h["step"] for h in read_history(log)] == [1, 2]
     assert plot_training_log(log, tmp_path / "c.png") == "c.png" and (tmp_path / "c.png").stat().st_size > 100
+
+
+def test_folder_and_samples_references_agree_with_embedded_digits(unet_dir, tmp_path, capsys):
+    """The test split as PNGs (8-bit rounding only) and as a samples .npz give the digits:test FID;
+    a samples file's stored prompts are used for per-prompt rewards."""
+    from PIL import Image
+
+    x = load_digits_tensor("test")
+    (tmp_path / "png").mkdir()
+    for i, im in enumerate(x):
+        Image.fromarray(((im[0] + 1) * 127.5).round().byte().numpy(), mode="L").save(tmp_path / "png" / f"{i:04d}.png")
+    np.savez(tmp_path / "ref.npz", images=x.numpy())
+    y = (x[:100] + 0.3 * torch.randn(100, 1, 8, 8, generator=torch.Generator().manual_seed(0))).clamp(-1, 1)
+    np.savez(tmp_path / "fake.npz", samples=y.numpy(), prompts=np.array(["3", "7"] * 50))
+    fids = {}
+    for name, ref in [("digits", "digits:test"), ("folder", str(tmp_path / "png")), ("npz", str(tmp_path / "ref.npz"))]:
+        out = tmp_path / name
+        rc = eval_main(["--model", str(tmp_path / "fake.npz"), "--metrics", "fid,reward:digits:target=null",
+                        "--ref", ref, "--out", str(out), "--no-progress", "--cache-dir", str(tmp_path / "c")])
+        assert rc == 0, capsys.readouterr().err
+        row = json.loads((out / "metrics.json").read_text())["rows"][0]
+        fids[name] = row["metrics"]["fid"]
+        assert row["num_samples"] == 100 and row["steps"] is None
+    assert fids["npz"] == pytest.approx(fids["digits"], rel=1e-6)
+    assert fids["folder"] == pytest.approx(fids["digits"], rel=0.02)
+    per = row["metrics"]["reward:digits:target=null"]["per_prompt"]
+    assert set(per) == {"3", "7"} and per["3"]["n"] == 50
+    from diffdiv.rewards import build_reward
+
+    r3 = build_reward({"name": "digits", "target": 3})(y[0::2]).double()
+    assert per["3"]["mean"] == pytest.approx(r3.mean().item(), rel=1e-5)

@@ -18,8 +18,15 @@ from pathlib import Path
 from diffdiv.config import ConfigError
 
 
+class _Parser(argparse.ArgumentParser):
+    """Argument errors become one-line ConfigErrors (exit status 2) instead of usage dumps."""
+
+    def error(self, message: str):
+        raise ConfigError(message)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="diffdiv eval", exit_on_error=False,
+    p = _Parser(prog="diffdiv eval", exit_on_error=False,
                                 description="Evaluate models: FID, precision/recall, MMD, rewards, CLIP score.")
     p.add_argument("--model", action="append", required=True,
                    help="pipeline folder, hub id or samples .npz; LABEL=PATH names it (repeatable)")

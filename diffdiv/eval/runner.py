@@ -160,6 +160,7 @@ class LoadedModel:
         self.images: Tensor | None = None
         self.denoiser: Denoiser | None = None
         self.path: Path | None = None
+        self.file_prompts: list[str] | None = None
         src = spec.source
         if isinstance(src, Denoiser):
             self.denoiser = src
@@ -173,6 +174,8 @@ class LoadedModel:
                         raise ConfigError(f"--model {src}: .npz holds no 'samples' or 'images'")
                     arr = z["images"] if "images" in z.files else z["samples"]
                     self.samples = torch.from_numpy(np.asarray(arr, dtype=np.float32))
+                    if "prompts" in z.files:  # written by `diffdiv sample --prompt/--prompts`
+                        self.file_prompts = [str(p) for p in z["prompts"].tolist()]
                 self.path = p
             else:
                 from diffdiv.models.loading import load_denoiser, read_meta
@@ -230,6 +233,12 @@ class LoadedModel:
         if getattr(d, "conditional", False) and all(p.strip().isdigit() for p in prompts):
             return torch.tensor([int(p) for p in prompts], dtype=torch.long)
         return None
+
+    def prompts_for(self, opts: EvalOptions, start: int, size: int) -> list[str] | None:
+        """Prompts of samples [start, start + size): --prompts cycled, else those stored with a samples file."""
+        if opts.prompts or self.file_prompts is None:
+            return opts.prompts_for(start, size)
+        return self.file_prompts[start:start + size]
 
     def n_available(self) -> int | None:
         return len(self.samples) if self.is_samples else None
@@ -300,8 +309,6 @@ class EvalOptions:
         if "clip_score" in self.metrics:
             if not self.clip:
                 raise ConfigError("clip_score needs --clip <CLIP folder or hub id>")
-            if not self.prompts:
-                raise ConfigError("clip_score needs prompts (--prompts FILE or --prompt TEXT)")
 
     def prompts_for(self, start: int, size: int) -> list[str] | None:
         if not self.prompts:
@@ -415,8 +422,6 @@ def _build_rewards(opts: EvalOptions, device: torch.device) -> dict[str, Any]:
             if "clip_path" not in spec and spec["name"] in ("clip_similarity", "aesthetic") and opts.clip:
                 spec["clip_path"] = opts.clip
             r = build_reward(spec).to(device)
-            if getattr(r, "needs_prompts", False) and not opts.prompts:
-                raise ConfigError(f"{m}: this reward needs prompts (--prompts FILE or --prompt TEXT)")
             out[m] = r
     return out
 
@@ -467,12 +472,17 @@ def run_evaluation(specs: list[ModelSpec], opts: EvalOptions, dist: Dist, out: P
             ref_stats = reference_stats(refobj, ext, probe, opts, dist)
         if dist.is_main and refobj is not None and refobj.kind == "mixture" and ref_samples is None:
             ref_samples = load_reference_samples(refobj, None, opts.ref_samples)
+        if model.prompts_for(opts, 0, 1) is None:
+            need = [m for m, r in rewards.items() if getattr(r, "needs_prompts", False)]
+            need += ["clip_score"] if clip_scorer is not None else []
+            if need:
+                raise ConfigError(f"{need[0]} needs prompts (--prompts FILE or --prompt TEXT) for model '{spec.label}'")
         for steps in model.steps_list():
             t0 = time.time()
             desc = f"{spec.label}" + (f" @ {steps} steps" if steps else "")
 
             def chunk_fn(c: int, start: int, size: int, model=model, steps=steps, ext=ext) -> dict[str, Any]:
-                prompts = opts.prompts_for(start, size)
+                prompts = model.prompts_for(opts, start, size)
                 x, img = model.generate(start, size, steps, opts.seed, c, prompts, opts.batch_size)
                 res: dict[str, Any] = {}
                 if ext is not None:
@@ -498,7 +508,8 @@ def run_evaluation(specs: list[ModelSpec], opts: EvalOptions, dist: Dist, out: P
                    else type(spec.source).__name__, "steps": steps, "kind": model.kind_for(steps),
                    "sampler": model.sampler() if model.kind_for(steps) == "diffusion" else None,
                    "num_samples": n, "time_s": round(elapsed, 3), "metrics": {}}
-            row["metrics"] = compute_metrics(results, metrics, ref_stats, refobj, ref_samples, ext, opts)
+            row["metrics"] = compute_metrics(results, metrics, ref_stats, refobj, ref_samples, ext, opts,
+                                             model.prompts_for(opts, 0, n))
             row["samples_per_s"] = round(n / max(elapsed, 1e-9), 3)
             if out is not None:
                 row["grid"] = _write_grid(results, refobj, ref_samples, out, spec.label, steps)
@@ -532,7 +543,7 @@ def run_evaluation(specs: list[ModelSpec], opts: EvalOptions, dist: Dist, out: P
 
 
 def compute_metrics(results: list[dict[str, Any]], metrics: list[str], ref_stats, refobj, ref_samples,
-                    ext, opts: EvalOptions) -> dict[str, Any]:
+                    ext, opts: EvalOptions, prompts: list[str] | None = None) -> dict[str, Any]:
     """Metrics of one (model, steps) row from the gathered per-chunk results (main process)."""
     from diffdiv.eval.scores import summarize
 
@@ -566,7 +577,6 @@ def compute_metrics(results: list[dict[str, Any]], metrics: list[str], ref_stats
                   "mmd_rbf": mmd_rbf(ref_samples[:2000], x[:2000])})
     for name in [k for k in metrics if k.startswith("reward:")] + (["clip_score"] if "clip_score" in metrics else []):
         vals = _cat(results, name)
-        prompts = opts.prompts_for(0, len(vals))
         m[name] = summarize(vals, prompts)
     return m
 
