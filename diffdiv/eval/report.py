@@ -211,6 +211,10 @@ def metric_vs_steps(rows: list[dict[str, Any]], out_png: Path) -> str | None:
     return out_png.name
 
 
+def _steps(k: int) -> str:
+    return f"{k} step" + ("s" if k != 1 else "")
+
+
 def write_report(report: dict[str, Any], out: str | Path) -> dict[str, str]:
     """Write metrics.json, report.md, comparison.{md,json} and plots into `out`; returns the file names."""
     from diffdiv.models.loading import write_json_atomic
@@ -261,7 +265,7 @@ def write_report(report: dict[str, Any], out: str | Path) -> dict[str, str]:
     if grids:
         md += ["## Samples", ""]
         for r in grids:
-            md += [f"**{r['label']}**" + (f", {r['steps']} steps" if r["steps"] else ""), "",
+            md += [f"**{r['label']}**" + (f", {_steps(r['steps'])}" if r["steps"] else ""), "",
                    f"![{r['label']} {r['steps']}]({r['grid']})", ""]
     if curves:
         md += ["## Training logs", ""]

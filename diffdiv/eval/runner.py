@@ -484,6 +484,8 @@ def run_evaluation(specs: list[ModelSpec], opts: EvalOptions, dist: Dist, out: P
             def chunk_fn(c: int, start: int, size: int, model=model, steps=steps, ext=ext) -> dict[str, Any]:
                 prompts = model.prompts_for(opts, start, size)
                 x, img = model.generate(start, size, steps, opts.seed, c, prompts, opts.batch_size)
+                if img.ndim == 4:
+                    img = img.clamp(-1, 1)  # images are scored in the data range, as when saved to 8-bit files
                 res: dict[str, Any] = {}
                 if ext is not None:
                     res["f"] = extract(ext, img)
