@@ -38,8 +38,9 @@ def _k(alpha: Tensor | float, sigma: Tensor | float, space: str, like: Tensor) -
 def cfg_implicit_reward_loss(x0: Tensor, d_cond: Tensor, d_uncond: Tensor, guidance_scale: float,
                              alpha: Tensor | float, sigma: Tensor | float, space: str = "x0") -> Tensor:
     """DI* "OUT": -(w - 1) mean_elements(sg(k (D_c - D_u)) * x0), per sample (B,)."""
-    x = x0.reshape(x0.shape[0], -1).float()
-    g = (d_cond.float() - d_uncond.float()).reshape(x.shape).detach()
+    dt = torch.promote_types(x0.dtype, torch.float32)
+    x = x0.reshape(x0.shape[0], -1).to(dt)
+    g = (d_cond.to(dt) - d_uncond.to(dt)).reshape(x.shape).detach()
     k = _k(alpha, sigma, space, x)
     return -(guidance_scale - 1.0) * ((k * g) * x).mean(1)
 
@@ -60,6 +61,6 @@ def di_star_generator_loss(x0: Tensor, rewards: Tensor, d_p: Tensor, d_q: Tensor
         cfg = cfg_implicit_reward_loss(x0, d_c, d_u, w, alpha, sigma, space)
         parts["cfg_term"] = float(cfg.detach().mean())
         div = div + cfg
-    loss = -reward_weight * rewards.float().mean() + div_weight * div.mean()
+    loss = -reward_weight * rewards.mean() + div_weight * div.mean()
     parts["reward"] = float(rewards.detach().float().mean())
     return loss, parts
