@@ -68,11 +68,12 @@ def normalize_tangent(g: Tensor, c: float = 0.1) -> Tensor:
 def scm_loss(F_theta: Tensor, F_minus: Tensor, g: Tensor, logvar: Tensor | None = None) -> Tensor:
     """Per-sample sCM loss: sum ||F - sg(F) - g||^2; with adaptive weighting (sCM eq. 9)
     exp(-logvar) ||.||^2 / D + logvar."""
-    err = (F_theta.float() - F_minus.float() - g.float()).flatten(1)
+    dt = torch.promote_types(F_theta.dtype, torch.float32)
+    err = (F_theta.to(dt) - F_minus.to(dt) - g.to(dt)).flatten(1)
     per = (err * err).sum(1)
     if logvar is None:
         return per
-    lv = logvar.float().reshape(-1)
+    lv = logvar.to(dt).reshape(-1)
     return torch.exp(-lv) * per / err.shape[1] + lv
 
 

@@ -246,7 +246,7 @@ class RCMTrainer(DistillTrainer):
             logvar = self.net("logvar")(t) if cfg.adaptive_weight else None
             per = scm_loss(F_theta, F_minus, g, logvar)
             total = total + cfg.scm_weight * per.mean()
-            logs.update(scm=float(per.mean()), tangent_r=r, g_norm=float(g.flatten(1).norm(dim=1).mean()),
+            logs.update(scm=float(per.mean().detach()), tangent_r=r, g_norm=float(g.flatten(1).norm(dim=1).mean()),
                         nonfinite_tangent=float((~ok).float().mean()))
         if use_dmd:
             x0_gen = x0_all[-b:]
@@ -257,7 +257,7 @@ class RCMTrainer(DistillTrainer):
                 d_q = self.fake_view.x0(x_t, t, cond, 1.0)
             per = 2.0 * vsd_loss(x0_gen, d_p, d_q, normalize=True, reduction="sum")
             total = total + cfg.dmd_weight * per.mean()
-            logs["dmd"] = float(per.mean())
+            logs["dmd"] = float(per.mean().detach())
         return total, logs
 
     # ------------------------------------------------------------------ sampling times, export, eval
