@@ -26,7 +26,7 @@ class VectorHead(nn.Module):
 
     def __init__(self, channels: int, hidden: int = 128):
         super().__init__()
-        self.net = nn.Sequential(nn.LayerNorm(channels), nn.Linear(channels, hidden), nn.SiLU(),
+        self.net = nn.Sequential(nn.Linear(channels, hidden), nn.SiLU(), nn.Linear(hidden, hidden), nn.SiLU(),
                                  nn.Linear(hidden, 1))
 
     def forward(self, f: Tensor) -> Tensor:
