@@ -53,7 +53,8 @@ class DIStarConfig(DistillConfig):
     eval_batch: int = 32
     eval_seed: int = 12345
     ref_steps: int = 25  # DDIM steps of the reference (teacher) samples in evaluation
-    max_train_time_s: float = 0.0
+    max_train_time_s: float = 0.0  # > 0: stop after this much training time (evaluation excluded)
+    eval_every_s: float = 0.0  # > 0: evaluate (eval_history.json) every this much training time, from step 0
 
     def validate(self) -> None:
         super().validate()

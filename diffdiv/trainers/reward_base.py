@@ -103,6 +103,7 @@ class RewardTrainConfig(TrainConfig):
     eval_seed: int = 12345
     eval_eta: float = 1.0  # DDIM eta of the chain whose per-step KL is reported
     max_train_time_s: float = 0.0  # > 0: stop after this much training time (evaluation excluded)
+    eval_every_s: float = 0.0  # > 0: evaluate (eval_history.json) every this much training time, from step 0
 
     def validate(self) -> None:
         super().validate()
@@ -438,11 +439,15 @@ class RewardMixin:
 
     # --- wall-clock budget and evaluation history ---------------------------------------------------
     def tick(self) -> None:
-        """Call once per step (from `phases`): stops training once `max_train_time_s` of training time
-        (evaluation excluded) is spent; the current step is the last."""
+        """Call once per step (from `phases`): evaluates every `eval_every_s` of training time and stops
+        training once `max_train_time_s` of training time (evaluation excluded) is spent."""
         now = time.perf_counter()
         if getattr(self, "_t_start", None) is None:
-            self._t_start, self._eval_time = now, 0.0
+            self._t_start, self._eval_time, self._last_eval = now, 0.0, None
+        every = getattr(self.cfg, "eval_every_s", 0.0)
+        if every and (self._last_eval is None or self.train_time() - self._last_eval >= every):
+            self._last_eval = self.train_time()
+            self.evaluate()
         budget = getattr(self.cfg, "max_train_time_s", 0.0)
         if budget and self.train_time() >= budget and self.cfg.max_steps > self.step + 1:
             self.cfg.max_steps = self.step + 1
