@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import sys
 from pathlib import Path
 
@@ -76,7 +77,7 @@ def _specs(args: argparse.Namespace):
     return specs
 
 
-def run(args: argparse.Namespace) -> dict:
+def run(args: argparse.Namespace, command: str | None = None) -> dict:
     from diffdiv.eval.runner import Dist, EvalOptions, run_evaluation
 
     if args.kind is not None and args.kind not in ("diffusion", "one_step", "consistency"):
@@ -92,7 +93,7 @@ def run(args: argparse.Namespace) -> dict:
                        num_samples=args.num_samples, seed=args.seed, batch_size=args.batch_size,
                        features=args.features, prompts=prompts, clip=args.clip, guidance_scale=args.guidance_scale,
                        pr_k=args.pr_k, ref_samples=args.ref_samples, grid=args.grid, progress=not args.no_progress,
-                       cache_dir=args.cache_dir)
+                       cache_dir=args.cache_dir, command=command)
     opts.validate()
     specs = _specs(args)
     if Path(args.out).suffix in (".json", ".md", ".npz"):
@@ -106,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     try:
         args = parser.parse_args(argv)
-        report = run(args)
+        report = run(args, "diffdiv eval " + " ".join(shlex.quote(a) for a in argv))
     except (ConfigError, argparse.ArgumentError) as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
         return 2

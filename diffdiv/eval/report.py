@@ -247,6 +247,8 @@ def write_report(report: dict[str, Any], out: str | Path) -> dict[str, str]:
     (out / "comparison.md").write_text(comparison_markdown(rows) + "\n")
 
     md = ["# diffdiv evaluation report", ""]
+    if report.get("command"):
+        md += ["```", report["command"], "```", ""]
     ref, feats = report.get("reference"), report.get("features")
     if ref:
         n_ref = f", n = {ref['n']}" if ref.get("n") else ""

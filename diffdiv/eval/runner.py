@@ -292,6 +292,7 @@ class EvalOptions:
     grid: int = 64
     progress: bool = True
     cache_dir: str | None = None
+    command: str | None = None  # the command line, recorded in the report
 
     def validate(self) -> None:
         if self.num_samples < 2:
@@ -534,7 +535,7 @@ def run_evaluation(specs: list[ModelSpec], opts: EvalOptions, dist: Dist, out: P
         "features": None if ext is None else {"spec": feature_spec, "id": ext.id, "dim": ext.num_features},
         "metrics": metrics, "num_samples": opts.num_samples, "seed": opts.seed, "batch_size": opts.batch_size,
         "processes": dist.world, "prompts": opts.prompts, "rows": rows,
-        "total_time_s": round(time.time() - t_start, 3),
+        "total_time_s": round(time.time() - t_start, 3), "command": opts.command,
     }
     if out is not None:
         from diffdiv.eval.report import write_report
