@@ -252,3 +252,40 @@ def test_recipes_parse(path):
     method = next(k for k in RECIPES if k in path)
     cfg = load_config(RECIPES[method].config_cls, ROOT / "configs" / path, [])
     assert cfg.reward["name"]
+
+
+@pytest.mark.slow
+@pytest.mark.multiprocess
+def test_dpok_two_processes_match_one(tiny_unet, tmp_path):
+    """2 gloo ranks (sharded sampling, gathered reward normalization, sharded minibatches) = 1 process.
+
+    Pixel-space UNet2DModel and the digits reward, so samples and rewards really differ between samples."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "true", "PYTHONPATH": str(ROOT)}
+    args = ["--config", str(ROOT / "configs/tiny_sd_dpok.yaml"), f"model.path={tiny_unet}", *FAST, "eval_samples=0",
+            "cond.prompt_list=null", "batch_size=4", "sample_batch=4", "steps=3", "updates_per_round=2",
+            "max_steps=4", "checkpoint_every=4", "advantage=batch", "reward={name: digits, target: 3}"]
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+    script = str(ROOT / "train" / "dpok.py")
+    r2 = subprocess.run(launch + [script, *args, f"output_dir={tmp_path / 'two'}"], env=env, capture_output=True,
+                        text=True, timeout=600)
+    assert r2.returncode == 0, r2.stderr[-3000:]
+    r1 = subprocess.run([sys.executable, script, *args, f"output_dir={tmp_path / 'one'}"], env=env,
+                        capture_output=True, text=True, timeout=600)
+    assert r1.returncode == 0, r1.stderr[-3000:]
+
+    def curve(d):
+        from diffdiv.trainers.base import list_checkpoints
+
+        ck = list_checkpoints(d / "checkpoints")[-1]
+        hist = json.loads((ck / "trainer_state.json").read_text())["history"]
+        return torch.tensor([(h["policy/loss"], h["sample/reward"], h["sample/reward_std"]) for h in hist])
+
+    c1, c2 = curve(tmp_path / "one"), curve(tmp_path / "two")
+    assert c1.shape == c2.shape == (4, 3)
+    assert float(c1[:, 2].min()) > 1e-3  # the rewards really vary between samples
+    torch.testing.assert_close(c2, c1, rtol=1e-4, atol=1e-5)

@@ -3,7 +3,8 @@
 Loop: every `updates_per_round` steps, sample `sample_batch` trajectories with the current policy (no
 gradients), score the final samples (any reward, differentiable or not), normalize the rewards per
 prompt (or over the batch), and push the trajectories into a replay buffer holding the last
-`buffer_rounds` rounds. Each step then draws `batch_size` transitions (x_t -> x_s) uniformly from the
+`buffer_rounds` rounds (the global round, gathered on every rank, so N processes draw exactly the
+transitions one process would). Each step then draws `batch_size` transitions (x_t -> x_s) uniformly from the
 buffer and minimizes, per transition,
     reward_weight * max(-A rho, -A clip(rho, 1 +- clip_range)) + div_weight * KL_t(x_t),
 rho = exp(log pi_theta(x_s|x_t) - log pi_old(x_s|x_t)) with pi_old the policy at sampling time,
@@ -181,12 +182,11 @@ class DPOKTrainer(RewardTrainer):
             adv_all = normalize_by_group(r_all, None)
         else:
             adv_all = r_all
-        per = n // self.world
-        adv = adv_all[self.rank * per:(self.rank + 1) * per].to(self.device)
-        pid = idx if idx is not None else torch.full((per,), -1, dtype=torch.long)
-        self.buffer.push(self.step // cfg.updates_per_round, states=torch.stack(out.states, 1),
-                         log_probs=torch.stack(out.log_probs, 1), adv=adv, reward=rewards,
-                         prompt=pid.to(self.device))
+        # the buffer holds the global round on every rank, so minibatches are exactly those of one process
+        pid = idx if idx is not None else torch.full((rewards.shape[0],), -1, dtype=torch.long)
+        self.buffer.push(self.step // cfg.updates_per_round, states=self.gather(torch.stack(out.states, 1)),
+                         log_probs=self.gather(torch.stack(out.log_probs, 1)), adv=adv_all.to(self.device),
+                         reward=r_all, prompt=self.gather(pid.to(self.device)))
         self._last = {"reward": float(r_all.mean()), "reward_std": float(r_all.std()) if len(r_all) > 1 else 0.0}
 
     def gather(self, x: Tensor) -> Tensor:
