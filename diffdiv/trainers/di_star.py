@@ -143,12 +143,14 @@ class DIStarTrainer(RewardMixin, DistillTrainer):
         return self.evaluate_rewards()
 
     def eval_samples_for(self, which: str, z: Tensor, cond: Any, gen: torch.Generator) -> tuple[Tensor, dict]:
-        """Generator samples (one step) vs the teacher's DDIM(ref_steps) CFG samples; plus a score-divergence
-        estimate E_t d(D_p - D_q) at the generator's samples (x0 units, t uniform in [t_lo, t_hi])."""
-        from diffdiv.sampling import sample_diffusion
+        """Generator samples (one step) vs the teacher's DDIM(ref_steps) CFG samples from t_init; plus a
+        score-divergence estimate E_t d(D_p - D_q) at the generator's samples (x0 units, t in [t_lo, t_hi])."""
+        if which == "reference":  # deterministic DDIM from the generator's t_init (CFG inside the teacher)
+            from diffdiv.methods.ipro import ddim_chain, ddim_times
 
-        if which == "reference":
-            return sample_diffusion(self.teacher, z, self.cfg.ref_steps, "ddim", cond), {}
+            sch = self.teacher.schedule
+            times = ddim_times(self.nets["gen"].module.t_init, sch.t_min, self.cfg.ref_steps)
+            return ddim_chain(lambda x, t: self.teacher(x, t, cond), z, times, sch, 0.0).x, {}
         x0 = self.nets["gen"].module(z, cond)
         sch = self.teacher.schedule
         u = self.cfg.t_lo + (self.cfg.t_hi - self.cfg.t_lo) * torch.rand(len(z), generator=gen)

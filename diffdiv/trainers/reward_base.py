@@ -95,6 +95,8 @@ class RewardTrainConfig(TrainConfig):
     div_weight: float = 0.01  # beta: weight of the divergence regularizer (0 = unregularized)
     steps: int = 10  # sampling steps of the chain
     eta: float = 1.0  # DDIM eta of the sampler (DDIM chains)
+    t_start: float | None = None  # first model time of the DDIM chain (default: the schedule's t_max); for
+    # schedules whose alpha(t_max) ~ 0 (squaredcos_cap_v2: 5e-5) start lower, e.g. 990, or x0 = (x - s eps)/a explodes
     reduce: Literal["mean", "sum"] = "mean"  # log-probs / KL per sample: mean or sum over elements
     frames: int = 0  # > 0: video-shaped samples (B, F, C, H, W) from the per-frame image model
     frame_noise_corr: float = 0.0  # correlation of the frames' initial noise
@@ -305,9 +307,10 @@ def mmd2_rbf(x: Tensor, y: Tensor, bandwidth: float | None = None) -> tuple[floa
     return float(sxx + syy - 2 * kxy.mean()), bandwidth
 
 
-def input_scale(model: Denoiser) -> float:
-    """Std of x_{t_max} for unit-variance data: sqrt(alpha^2 + sigma^2) at t_max (1 for VP)."""
-    a, s = model.schedule.alpha_sigma(torch.tensor([model.schedule.t_max], dtype=torch.float64))
+def input_scale(model: Denoiser, t: float | None = None) -> float:
+    """Std of x_t for unit-variance data: sqrt(alpha^2 + sigma^2) at t (default t_max; 1 for VP)."""
+    t = model.schedule.t_max if t is None else t
+    a, s = model.schedule.alpha_sigma(torch.tensor([t], dtype=torch.float64))
     return float(torch.sqrt(a**2 + s**2))
 
 
@@ -576,8 +579,11 @@ class RewardTrainer(RewardMixin, Trainer):
         sch = self.policy.schedule
         from diffdiv.methods.ipro import ddim_times
 
-        self.times = ddim_times(sch.t_max, sch.t_min, cfg.steps)
-        self.x_scale = input_scale(self.policy)
+        t_start = sch.t_max if cfg.t_start is None else cfg.t_start
+        if not sch.t_min < t_start <= sch.t_max:
+            raise ConfigError(f"t_start {t_start} is outside the model's time range ({sch.t_min}, {sch.t_max}]")
+        self.times = ddim_times(t_start, sch.t_min, cfg.steps)
+        self.x_scale = input_scale(self.policy, float(self.times[0]))
         self.build_method()
 
     def build_method(self) -> None:
