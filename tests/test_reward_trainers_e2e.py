@@ -289,3 +289,12 @@ def test_dpok_two_processes_match_one(tiny_unet, tmp_path):
     assert c1.shape == c2.shape == (4, 3)
     assert float(c1[:, 2].min()) > 1e-3  # the rewards really vary between samples
     torch.testing.assert_close(c2, c1, rtol=1e-4, atol=1e-5)
+
+
+def test_time_budget_and_timed_evaluation(tiny_sd, tmp_path):
+    tr, m, out = _train(IPROTrainer, "tiny_sd_ipro.yaml", tmp_path, f"model.path={tiny_sd}", "max_steps=100",
+                        "batch_size=2", "steps=2", "max_train_time_s=1e-6", "eval_every_s=1000")
+    assert m["steps"] == 1  # the budget was spent after the first step
+    hist = json.loads((out / "eval_history.json").read_text())
+    assert [h["step"] for h in hist] == [0, 1]  # before training, and the final evaluation
+    assert hist[0]["reward_gain"] == 0.0 and hist[0]["mmd2"] < 0.05

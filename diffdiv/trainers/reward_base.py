@@ -675,8 +675,11 @@ class RewardTrainer(RewardMixin, Trainer):
         return out.x, metrics
 
     def export_meta(self) -> dict[str, Any]:
-        return {"kind": self.export_kind, "default_steps": self.cfg.steps, "method": self.name,
+        meta = {"kind": self.export_kind, "default_steps": self.cfg.steps, "method": self.name,
                 "guidance_scale": float(self.policy.guidance_scale)}
+        if self.export_kind == "diffusion":
+            meta["default_sampler"] = "ddim"
+        return meta
 
     def export(self, out_dir: Path) -> None:
         from diffdiv.models.loading import save_denoiser
