@@ -46,7 +46,7 @@ class TeacherTrainConfig(TrainConfig):
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     schedule: ScheduleConfig = field(default_factory=lambda: ScheduleConfig(beta_schedule="squaredcos_cap_v2"))
-    prediction_type: Literal["epsilon", "v_prediction", "sample"] = "epsilon"
+    prediction_type: Literal["epsilon", "v_prediction", "sample"] = "v_prediction"
     lr: float = 2e-4
     warmup_steps: int = 200
     eval_samples: int = 2000
