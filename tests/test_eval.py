@@ -389,3 +389,30 @@ def test_folder_and_samples_references_agree_with_embedded_digits(unet_dir, tmp_
 
     r3 = build_reward({"name": "digits", "target": 3})(y[0::2]).double()
     assert per["3"]["mean"] == pytest.approx(r3.mean().item(), rel=1e-5)
+
+
+def test_clip_features_fid_and_default_extractor(tmp_path, capsys):
+    """`--features clip:<dir>`: FID over CLIP image embeddings; RGB samples default to CLIP when --clip is set."""
+    from diffdiv.rewards.clip import ClipEmbedder
+    from diffdiv.rewards.tiny import build_tiny_clip
+
+    clip = build_tiny_clip(tmp_path / "clip")
+    g = torch.Generator().manual_seed(0)
+    a = torch.rand(40, 3, 32, 32, generator=g) * 2 - 1
+    b = (a + 0.5 * torch.randn(a.shape, generator=g)).clamp(-1, 1)
+    np.savez(tmp_path / "a.npz", images=a.numpy())
+    np.savez(tmp_path / "b.npz", images=b.numpy())
+    fids = {}
+    for name, feat in [("named", ["--features", f"clip:{clip}"]), ("default", ["--clip", str(clip)])]:
+        rc = eval_main(["--model", str(tmp_path / "b.npz"), "--ref", str(tmp_path / "a.npz"), "--metrics", "fid",
+                        "--out", str(tmp_path / name), "--no-progress", "--cache-dir", str(tmp_path / "c"), *feat])
+        assert rc == 0, capsys.readouterr().err
+        rep = json.loads((tmp_path / name / "metrics.json").read_text())
+        assert rep["features"]["id"].startswith("clip-") and rep["features"]["dim"] == 32
+        fids[name] = rep["rows"][0]["metrics"]["fid"]
+    emb = ClipEmbedder.from_pretrained(str(clip))
+    with torch.no_grad():
+        fa, fb = emb.embed_images(a).double(), emb.embed_images(b).double()
+    want = fid_from_stats(FeatureStats.from_features(fa, "x"), FeatureStats.from_features(fb, "x"))
+    assert fids["named"] == pytest.approx(want, rel=1e-4) and fids["default"] == pytest.approx(want, rel=1e-4)
+    assert want > 1e-3
