@@ -49,7 +49,8 @@ class GanConfig:
     """Discriminator heads and the GAN terms."""
 
     enabled: bool = True  # false: r = 1 everywhere (f-distill reduces to DMD's weighting), no GAN terms
-    features: Literal["teacher", "fake"] = "teacher"  # whose features of noised samples the heads read
+    features: Literal["teacher", "fake", "input"] = "teacher"  # whose features of noised samples the heads read
+    input_head: bool = False  # also a head on the noised sample itself and its log-SNR ("input": only that)
     real: Literal["data", "teacher_samples"] = "data"  # "real" samples: data, or a pool of teacher samples
     head_hidden: int = 128
     gen_weight: float = 0.01  # weight of softplus(-logit_fake) in the generator loss
@@ -95,6 +96,8 @@ class Critic(nn.Module):
         """-> (D_q(x_t), logits on fake, logits on real); `disc` holds the discriminator inputs."""
         if self.heads is None or disc is None:
             return self.fake(x_t, t, cond), None, None
+        ls_fake = self.fake.schedule.logsnr(t)
+        ls_real = self.fake.schedule.logsnr(disc["t_real"])
         if self.own_features:
             if disc["cond_fake"] is cond:
                 d_q, f_fake = self.fake.features(x_t, t, cond)
@@ -105,7 +108,8 @@ class Critic(nn.Module):
         else:
             d_q = self.fake(x_t, t, cond)
             f_fake, f_real = disc["f_fake"], disc["f_real"]
-        return d_q, self.heads(f_fake), self.heads(f_real)
+        return (d_q, self.heads(f_fake, x_t, ls_fake),
+                self.heads(f_real, disc["x_real"], ls_real))
 
 
 class FDistillTrainer(DistillTrainer):
@@ -137,13 +141,17 @@ class FDistillTrainer(DistillTrainer):
         heads = None
         self.feature_net: Denoiser | None = None
         if cfg.gan.enabled:
+            shapes: list[tuple[int, ...]] = []
             if cfg.gan.features == "teacher":
                 self.feature_net = self.teacher if hasattr(self.teacher, "features") else \
                     self.add_frozen("feature_teacher", self.base)
-            src = fake if cfg.gan.features == "fake" else self.feature_net
-            if not hasattr(src, "features"):
-                raise ConfigError(f"gan.features={cfg.gan.features}: {type(src).__name__} exposes no features")
-            heads = DiscriminatorHeads(self._probe_features(src), cfg.gan.head_hidden)
+            if cfg.gan.features != "input":
+                src = fake if cfg.gan.features == "fake" else self.feature_net
+                if not hasattr(src, "features"):
+                    raise ConfigError(f"gan.features={cfg.gan.features}: {type(src).__name__} exposes no features")
+                shapes = self._probe_features(src)
+            with_input = cfg.gan.input_head or cfg.gan.features == "input"
+            heads = DiscriminatorHeads(shapes, cfg.gan.head_hidden, self.sample_shape if with_input else None)
         self.critic = self.add_network("critic", Critic(fake, heads, cfg.gan.features == "fake"),
                                        lr=cfg.lr_fake, betas=tuple(cfg.betas))
         sch = self.teacher.schedule
@@ -224,6 +232,7 @@ class FDistillTrainer(DistillTrainer):
         x_real_t, _, _, _ = self.noise(x_real, t_real)
         cond_fake = cond if self.pool is not None else None  # data carries no conditions
         out: dict[str, Any] = {"x_real": x_real_t, "t_real": t_real, "cond_real": cond_real, "cond_fake": cond_fake}
+        out["f_fake"], out["f_real"] = [], []
         if self.feature_net is not None:
             with torch.no_grad():
                 out["f_fake"] = self.feature_net.features(x_t, t, cond_fake)[1]
@@ -237,10 +246,10 @@ class FDistillTrainer(DistillTrainer):
         logits, shared = None, None
         if heads is not None:
             disc_cond = cond if self.pool is not None else None  # data carries no conditions
-            src = self.feature_net if self.cfg.gan.features == "teacher" else self.critic.fake
+            src = {"teacher": self.feature_net, "fake": self.critic.fake}.get(self.cfg.gan.features)
             with torch.set_grad_enabled(grad or self.cfg.gan.gen_weight > 0):
-                x0_f, feats = src.features(x_t, t, disc_cond)
-                logits = heads(feats)
+                x0_f, feats = src.features(x_t, t, disc_cond) if src is not None else (None, [])
+                logits = heads(feats, x_t, self.teacher.schedule.logsnr(t))
             cfg_on = cond is not None and getattr(self.teacher, "conditional", False) and \
                 getattr(self.teacher, "guidance_scale", 1.0) != 1.0
             if src is self.teacher and disc_cond is cond and not cfg_on:
