@@ -84,7 +84,7 @@ def sample_diffusion(denoiser: Denoiser, noise: Tensor, steps: int, sampler: str
     """Multi-step sampling with a diffusers scheduler; the model output comes from our x0."""
     sch = make_scheduler(denoiser, sampler)
     sch.set_timesteps(steps, device=noise.device)
-    x = noise * sch.init_noise_sigma
+    x = noise * getattr(sch, "init_noise_sigma", 1.0)  # flow-matching schedulers have no such attribute
     sched = denoiser.schedule
     it = sch.timesteps
     if progress:
@@ -93,7 +93,7 @@ def sample_diffusion(denoiser: Denoiser, noise: Tensor, steps: int, sampler: str
         it = tqdm(it, desc=f"{sampler} {steps} steps", leave=False)
     kind = "flow" if isinstance(sch, FlowMatchEulerDiscreteScheduler) else sch.config.prediction_type
     for tau in it:
-        x_in = sch.scale_model_input(x, tau)
+        x_in = sch.scale_model_input(x, tau) if hasattr(sch, "scale_model_input") else x
         a, s = _step_alpha_sigma(sch, tau, sched)
         a_t = torch.full((x.shape[0],), a, device=x.device, dtype=torch.float64)
         s_t = torch.full((x.shape[0],), s, device=x.device, dtype=torch.float64)

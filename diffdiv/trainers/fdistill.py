@@ -57,7 +57,7 @@ class GanConfig:
     disc_weight: float = 1.0  # weight of the discriminator loss in the critic loss
     pool_size: int = 512  # real=teacher_samples: teacher samples drawn once at start
     pool_steps: int = 25
-    pool_sampler: str = "ddim"
+    pool_sampler: str = "auto"  # auto: flow_euler for flow-matching teachers, else ddim
 
     def validate(self) -> None:
         check(self.head_hidden > 0, "gan.head_hidden must be > 0")
@@ -183,10 +183,15 @@ class FDistillTrainer(DistillTrainer):
         """Teacher samples used as "real" data by the discriminator (same on every rank: fixed seed)."""
         from diffdiv.sampling import sample
 
+        from diffdiv.param import FlowSchedule
+
         g = self.cfg.gan
+        sampler = g.pool_sampler
+        if sampler == "auto":
+            sampler = "flow_euler" if isinstance(self.teacher.schedule, FlowSchedule) else "ddim"
         cond = self.eval_cond(g.pool_size)
-        self.print(f"drawing {g.pool_size} teacher samples ({g.pool_steps} {g.pool_sampler} steps) as real data")
-        x = sample(self.teacher, g.pool_size, g.pool_steps, seed=self.cfg.seed + 7, sampler=g.pool_sampler,
+        self.print(f"drawing {g.pool_size} teacher samples ({g.pool_steps} {sampler} steps) as real data")
+        x = sample(self.teacher, g.pool_size, g.pool_steps, seed=self.cfg.seed + 7, sampler=sampler,
                    kind="diffusion", cond=cond, device=torch.device("cpu"))
         return x, cond
 
