@@ -76,6 +76,9 @@ def panels_plot(panels: dict[str, dict[str, tuple[Sequence[float], Sequence[floa
             ticks.update(float(x) for x in xs)
         if logx:
             ax.set_xscale("log")
+        ys_all = [float(y) for _, ys in series.values() for y in ys]
+        if ys_all and min(ys_all) > 0 and max(ys_all) > 30 * min(ys_all):
+            ax.set_yscale("log")  # e.g. FID from 1 to 50 steps spans orders of magnitude
         if 0 < len(ticks) <= 12:
             ax.set_xticks(sorted(ticks))
             ax.set_xticklabels([f"{t:g}" for t in sorted(ticks)])
