@@ -26,7 +26,12 @@ with the Tweedie identity E_q[w . D_q] = E[w(x_t) . x0], valid for every theta (
 derivative of the detached ratio onto the DI-like term with grad_x r = r u. So the loss is a SIM-like term
 (weight 2h), a Fisher-type term (weight h - r h', the "FGM" term) and a DI-like term (weight c). The
 paper's public code drops the 2 r h' u.v part of c (it detaches r inside the SIM weight) and uses an
-un-squared norm in the DI weight; `paper_variant=True` reproduces the first omission for comparison.
+un-squared norm in the DI weight; `paper_variant=True` reproduces the first omission. Practical note: the
+omitted part 2 r h'(r) (u_k.v_k) u has zero mean given x_t (E[v_k|x_t] = 0 for an exact fake score) and only
+matters through the correlation of v_k with dx0/dtheta, but it carries the factor alpha^2/sigma^2 and on the
+digits teacher its per-sample gradient norm is 10-200x that of the SIM-like term at low noise; with a
+GAN-estimated r, the exact loss is therefore much noisier than the paper's variant (which is biased, see
+tests/test_uni_instruct.py::test_public_code_variant_is_biased).
 
 Special cases (identities tested in tests/test_uni_instruct.py):
 - rkl (h = 1): loss = fgm ||u_k||^2 + 2 u_k.v_k = N * sim_loss(l2, full_gradient=(fgm == 1)) and, in x0

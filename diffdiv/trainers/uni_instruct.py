@@ -33,7 +33,8 @@ class UniInstructConfig(FDistillConfig):
     variant: Literal["uni_instruct", "di", "dmd", "sid", "sim"] = "uni_instruct"
     fgm_weight: float = 1.0  # weight of the Fisher-type term (1 = exact gradient of the expanded divergence)
     space: Literal["x0", "score"] = "x0"  # units of the score difference inside the loss
-    paper_variant: bool = False  # reproduce the public code's omission of the ratio path (for comparison only)
+    paper_variant: bool = False  # drop the ratio path of the SIM weight, as the public code does: biased, far
+    # lower variance with a GAN-estimated r (see diffdiv.methods.uni_instruct)
     time_weighting: Literal["uniform", "expansion"] = "uniform"  # expansion: Theorem 3.1's e^lambda/2 |dlambda/dt|
     sid_alpha: float = 1.2
     sim_distance: Literal["l2", "pseudo_huber"] = "pseudo_huber"
