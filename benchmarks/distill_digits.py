@@ -60,6 +60,7 @@ def main() -> None:
     ap.add_argument("--out", default=str(ROOT / "runs/bench_digits"))
     ap.add_argument("--skip-train", action="store_true")
     ap.add_argument("--samples", type=int, default=2000)
+    ap.add_argument("--train-times", default=None, help="name=seconds,... when the students were trained elsewhere")
     ap.add_argument("--speed-batch", type=int, default=500)
     ap.add_argument("overrides", nargs="*", help="key=value overrides for both recipes")
     args = ap.parse_args()
@@ -88,12 +89,18 @@ def main() -> None:
         m = load_denoiser(d).eval()
         students[name] = (m, meta)
         x = sample(m, args.samples, 1, seed=0, kind="consistency", times=meta.get("times_1"))
-        metrics = json.loads((out / name / "metrics.json").read_text())
+        mf = out / name / "metrics.json"
+        metrics = json.loads(mf.read_text()) if mf.is_file() else {}
         st = {"fid_train": digits_fid(train_x, x), "fid_test": digits_fid(test_x, x),
-              "train_time_s": metrics["train_time_s"], "steps": metrics["steps"], "wall_s": wall.get(name)}
+              "train_time_s": metrics.get("train_time_s"), "steps": metrics.get("steps"), "wall_s": wall.get(name)}
         st["ratio_to_teacher50"] = st["fid_train"] / t50
         res["students"][name] = st
         rows.append((f"{name} student, 1 step", st, st["train_time_s"]))
+    if args.train_times:  # measured elsewhere (e.g. a staged run): name=seconds
+        for kv in args.train_times.split(","):
+            k, v = kv.split("=")
+            res["students"][k]["train_time_s"] = float(v)
+        rows = [(lab, st, st.get("train_time_s")) for lab, st, _ in rows]
     # speed: one process, same batch
     b = args.speed_batch
     m, meta = students["fdistill_js"]
