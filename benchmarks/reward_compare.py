@@ -94,22 +94,26 @@ def prompt_list() -> list[str]:
 
 
 def run_one(method: str, weight: float | None, pipe: Path, out: Path, budget: float, eval_every: float,
-            extra: list[str]) -> dict:
+            extra: list[str], max_steps: int | None = None) -> dict:
+    """Train one recipe: for `budget` seconds of training, or exactly `max_steps` steps when given."""
     from diffdiv.config import load_config
 
     T = trainer_class(method)
     key = "teacher.path" if method == "di_star" else "model.path"
-    overrides = [f"{key}={pipe}", f"output_dir={out}", "max_steps=1000000", f"max_train_time_s={budget}",
-                 f"eval_every_s={eval_every}", "checkpoint_every=0", "log_with=null", "progress=false",
-                 "overwrite=true", "log_every=5", f"cond.prompt_list={json.dumps(prompt_list())}", *extra]
+    stop = [f"max_steps={max_steps}", "max_train_time_s=0"] if max_steps else \
+        ["max_steps=1000000", f"max_train_time_s={budget}"]
+    overrides = [f"{key}={pipe}", f"output_dir={out}", *stop, f"eval_every_s={eval_every}", "checkpoint_every=0",
+                 "log_with=null", "progress=false", "overwrite=true", "log_every=5",
+                 f"cond.prompt_list={json.dumps(prompt_list())}", *extra]
     if weight is not None:
         overrides.append(f"div_weight={weight}")
     cfg = load_config(T.config_cls, ROOT / "configs" / f"tiny_sd_{method}.yaml", overrides)
     t0 = time.time()
-    metrics = T(cfg).train()
+    trainer = T(cfg)
+    metrics = trainer.train()
     hist = json.loads((out / "eval_history.json").read_text())
     return {"method": method, "div_weight": cfg.div_weight, "final": metrics, "eval_history": hist,
-            "wall_s": time.time() - t0}
+            "train_history": trainer.history, "wall_s": time.time() - t0}
 
 
 def true_reward(m: dict) -> tuple[float, float]:
@@ -135,20 +139,22 @@ def write_outputs(rows: list[dict], out_dir: Path, args) -> None:
         "",
         f"Tiny SD pipeline ({pre}), "
         f"reward = JPEG compressibility (minus the quality-95 JPEG size in kB of the decoded 32x32 image), "
-        f"{args.budget:.0f} s of training per run (evaluation excluded), 1 CPU thread on a shared 2-core machine "
-        "(timings are under contention). Command: `OMP_NUM_THREADS=1 python benchmarks/reward_compare.py "
-        f"--budget {args.budget:g} --pretrain-steps {args.pretrain_steps}`.",
+        f"{args.budget:.0f} s of training per method at its default divergence weight (evaluation excluded), then "
+        "the same number of steps with the divergence weight at 0; 1 CPU thread on a shared 2-core machine "
+        "(timings under contention from other jobs). Command: `OMP_NUM_THREADS=1 python "
+        f"benchmarks/reward_compare.py --budget {args.budget:g} --pretrain-steps {args.pretrain_steps}`.",
         "",
-        "| method | div. weight | steps | true JPEG reward: reference -> fine-tuned (gain) | train-reward gain "
-        "| MMD^2 to reference | method's own divergence |",
-        "|---|---|---|---|---|---|---|",
+        "| method | div. weight | steps | train s | true JPEG reward: reference -> fine-tuned (gain +- s.e.) "
+        "| train-reward gain | MMD^2 to reference | method's own divergence |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         m = r["final"]
         ref, pol = true_reward(m)
         sem = m.get("eval_reward_policy_sem", m.get("reward_policy_sem", 0.0))
         lines.append(
-            f"| {LABELS[r['method']]} | {r['div_weight']:g} | {m['steps']} | {ref:.4f} -> {pol:.4f} "
+            f"| {LABELS[r['method']]} | {r['div_weight']:g} | {m['steps']} | {m['train_time_s']:.0f} "
+            f"| {ref:.4f} -> {pol:.4f} "
             f"({pol - ref:+.4f} +- {sem:.4f}) | {m['reward_gain']:+.4g} | {m.get('mmd2', float('nan')):.4f} "
             f"| {method_div(r['method'], m)} |")
     lines += [
@@ -212,7 +218,6 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--budget", type=float, default=150.0, help="training seconds per run")
     p.add_argument("--eval-every", type=float, default=30.0, help="training seconds between evaluations")
     p.add_argument("--methods", default=",".join(METHODS))
-    p.add_argument("--weights", default="default,0", help="divergence weights: 'default' and/or numbers")
     p.add_argument("--pretrain-steps", type=int, default=1500)
     p.add_argument("--work", default=str(ROOT / "runs" / "reward_compare"))
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
@@ -229,20 +234,30 @@ def main(argv: list[str] | None = None) -> None:
     rows = []
     res_file = work / "rows.json"
     done = json.loads(res_file.read_text()) if res_file.is_file() else []
+
+    def cached(method: str, tag: str) -> dict | None:
+        found = [r for r in done if r["method"] == method and r.get("tag") == tag and r.get("budget") == args.budget]
+        return found[0] if found else None
+
     for method in args.methods.split(","):
-        for w in args.weights.split(","):
-            weight = None if w == "default" else float(w)
-            found = [r for r in done if r["method"] == method and r.get("weight_arg") == w
-                     and r.get("budget") == args.budget]
-            if found:
-                rows.append(found[0])
-                continue
-            print(f"=== {method} div_weight={w}", flush=True)
-            r = run_one(method, weight, pipe, work / f"{method}_w{w}", args.budget, args.eval_every, [])
-            r.update(weight_arg=w, budget=args.budget)
-            rows.append(r)
+        # the default-weight run gets the wall-clock budget; the weight-0 run gets exactly as many steps
+        r = cached(method, "default")
+        if r is None:
+            print(f"=== {method} default divergence weight, {args.budget:g} s", flush=True)
+            r = run_one(method, None, pipe, work / f"{method}_default", args.budget, args.eval_every, [])
+            r.update(tag="default", budget=args.budget)
             done.append(r)
             res_file.write_text(json.dumps(done))
+        rows.append(r)
+        r0 = cached(method, "zero")
+        if r0 is None:
+            steps = int(r["final"]["steps"])
+            print(f"=== {method} divergence weight 0, {steps} steps", flush=True)
+            r0 = run_one(method, 0.0, pipe, work / f"{method}_zero", args.budget, args.eval_every, [], max_steps=steps)
+            r0.update(tag="zero", budget=args.budget)
+            done.append(r0)
+            res_file.write_text(json.dumps(done))
+        rows.append(r0)
     write_outputs(rows, Path(args.out), args)
     print((Path(args.out) / "reward_compare.md").read_text())
 

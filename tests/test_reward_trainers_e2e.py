@@ -298,3 +298,19 @@ def test_time_budget_and_timed_evaluation(tiny_sd, tmp_path):
     hist = json.loads((out / "eval_history.json").read_text())
     assert [h["step"] for h in hist] == [0, 1]  # before training, and the final evaluation
     assert hist[0]["reward_gain"] == 0.0 and hist[0]["mmd2"] < 0.05
+
+
+def test_mmd2_rbf_matches_closed_form():
+    """Unbiased MMD^2 of N(0, 1) vs N(mu, 1) with an RBF kernel of bandwidth h:
+    2 sqrt(h^2 / (h^2 + 2)) (1 - exp(-mu^2 / (2 (h^2 + 2))))."""
+    from diffdiv.trainers.reward_base import mmd2_rbf
+
+    g = torch.Generator().manual_seed(0)
+    h, mu, n, reps = 1.5, 0.8, 400, 20
+    vals = [mmd2_rbf(torch.randn(n, 1, generator=g, dtype=torch.float64),
+                     mu + torch.randn(n, 1, generator=g, dtype=torch.float64), bandwidth=h)[0] for _ in range(reps)]
+    est, se = float(np.mean(vals)), float(np.std(vals) / np.sqrt(reps))
+    exact = 2 * np.sqrt(h * h / (h * h + 2)) * (1 - np.exp(-mu * mu / (2 * (h * h + 2))))
+    assert abs(est - exact) < 4 * se and exact > 10 * se, (est, exact, se)
+    same = [mmd2_rbf(torch.randn(n, 1, generator=g), torch.randn(n, 1, generator=g))[0] for _ in range(reps)]
+    assert abs(np.mean(same)) < 4 * np.std(same) / np.sqrt(reps)  # unbiased: zero mean for equal laws

@@ -88,7 +88,7 @@ class ValueNet(nn.Module):
         self.head = nn.Sequential(nn.SiLU(), nn.Linear(width, width), nn.SiLU(), nn.Linear(width, 1))
 
     def forward(self, x: Tensor, t_frac: Tensor, cond_feat: Tensor | None = None) -> Tensor:
-        h = self.body(x.float()) + self.time(fourier_embedding(t_frac, 32, max_period=1.0))
+        h = self.body(x.float()) + self.time(fourier_embedding(t_frac, 32))
         if self.cond is not None and cond_feat is not None:
             h = h + self.cond(cond_feat.float())
         return self.head(h)[:, 0]
