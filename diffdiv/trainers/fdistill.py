@@ -181,9 +181,8 @@ class FDistillTrainer(DistillTrainer):
 
     def _teacher_pool(self) -> tuple[Tensor, Any]:
         """Teacher samples used as "real" data by the discriminator (same on every rank: fixed seed)."""
-        from diffdiv.sampling import sample
-
         from diffdiv.param import FlowSchedule
+        from diffdiv.sampling import sample
 
         g = self.cfg.gan
         sampler = g.pool_sampler
