@@ -145,8 +145,8 @@ def write_outputs(rows: list[dict], out_dir: Path, args) -> None:
         f"benchmarks/reward_compare.py --budget {args.budget:g} --pretrain-steps {args.pretrain_steps}`.",
         "",
         "| method | div. weight | steps | train s | true JPEG reward: reference -> fine-tuned (gain +- s.e.) "
-        "| train-reward gain | MMD^2 to reference | method's own divergence |",
-        "|---|---|---|---|---|---|---|---|",
+        "| train-reward gain | MMD^2 to reference | diversity ratio | method's own divergence |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         m = r["final"]
@@ -156,7 +156,7 @@ def write_outputs(rows: list[dict], out_dir: Path, args) -> None:
             f"| {LABELS[r['method']]} | {r['div_weight']:g} | {m['steps']} | {m['train_time_s']:.0f} "
             f"| {ref:.4f} -> {pol:.4f} "
             f"({pol - ref:+.4f} +- {sem:.4f}) | {m['reward_gain']:+.4g} | {m.get('mmd2', float('nan')):.4f} "
-            f"| {method_div(r['method'], m)} |")
+            f"| {m.get('diversity_ratio', float('nan')):.2f} | {method_div(r['method'], m)} |")
     lines += [
         "",
         "How the divergence is measured:",
@@ -171,6 +171,8 @@ def write_outputs(rows: list[dict], out_dir: Path, args) -> None:
         "to log-SNR 2).",
         "- DI*: a one-step generator has no path measure; its estimate E_t d_PH(D_p - D_q) uses the learned "
         "fake score and is only indicative.",
+        "- diversity ratio: mean pairwise pixel distance of the fine-tuned samples over that of the reference "
+        "samples; well below 1 = mode collapse (the usual face of reward hacking here).",
         "- train-reward gain: the gain in the reward each method optimizes (true JPEG for DPOK, the DCT surrogate "
         "for the others).",
         "",
@@ -187,7 +189,7 @@ def plot(rows: list[dict], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 3, figsize=(16, 4.5))
+    fig, axes = plt.subplots(1, 4, figsize=(20, 4.5))
     colors = {"dpok": "C0", "ipro": "C1", "rocm": "C2", "di_star": "C3"}
     for r in rows:
         h = r["eval_history"]
@@ -201,10 +203,13 @@ def plot(rows: list[dict], path: Path) -> None:
         axes[1].plot(t, mmd, ls, color=colors[r["method"]], label=lab, marker=".")
         if r["method"] != "di_star":
             axes[2].plot(t, kl, ls, color=colors[r["method"]], label=lab, marker=".")
+        div = [e.get("diversity_ratio", float("nan")) for e in h]
+        axes[3].plot(t, div, ls, color=colors[r["method"]], label=lab, marker=".")
     axes[0].set_title("true JPEG reward gain (-kB) vs training time")
     axes[1].set_title("MMD^2 to the reference samples")
     axes[2].set_title("path KL to the reference (nats)")
     axes[2].set_yscale("symlog", linthresh=1e-2)
+    axes[3].set_title("diversity ratio (fine-tuned / reference)")
     for ax in axes:
         ax.set_xlabel("training time (s)")
         ax.grid(alpha=0.3)

@@ -106,9 +106,6 @@ class DIStarTrainer(RewardMixin, DistillTrainer):
         idx = self.draw_prompts(n)
         return idx, self.cond_for(idx), self.grandn(n, *self.sample_shape)
 
-    def _huber_c(self) -> float | None:
-        return self.cfg.huber_c
-
     def loss(self, phase: str, micro: int) -> tuple[Tensor, dict[str, float]]:
         cfg = self.cfg
         idx, cond, z = self._batch()
@@ -136,7 +133,7 @@ class DIStarTrainer(RewardMixin, DistillTrainer):
         else:
             d_p = self.teacher(x_t, t, cond)
         return di_star_generator_loss(x0, rewards, d_p, d_q, a, s, cfg.reward_weight, cfg.div_weight,
-                                      cfg.distance, self._huber_c(), cfg.space, cfg.normalize, cfg_out)
+                                      cfg.distance, cfg.huber_c, cfg.space, cfg.normalize, cfg_out)
 
     # --- evaluation / export ----------------------------------------------------------------------
     def evaluate(self) -> dict[str, float]:

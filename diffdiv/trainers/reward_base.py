@@ -307,6 +307,14 @@ def mmd2_rbf(x: Tensor, y: Tensor, bandwidth: float | None = None) -> tuple[floa
     return float(sxx + syy - 2 * kxy.mean()), bandwidth
 
 
+def mean_pairwise_distance(x: Tensor) -> float:
+    """Mean L2 distance between distinct samples (flattened)."""
+    x = x.reshape(x.shape[0], -1).double()
+    d = torch.cdist(x, x)
+    n = len(x)
+    return float(d.sum() / (n * (n - 1)))
+
+
 def input_scale(model: Denoiser, t: float | None = None) -> float:
     """Std of x_t for unit-variance data: sqrt(alpha^2 + sigma^2) at t (default t_max; 1 for VP)."""
     t = model.schedule.t_max if t is None else t
@@ -402,12 +410,9 @@ class RewardMixin:
         return self.grandint(len(self.prompt_list), n)
 
     def per_frame(self, cond: Any) -> Any:
+        """Each sample's condition repeated for its F frames (labels or TextCond)."""
         f = self.cfg.frames
-        if cond is None or not f:
-            return cond
-        if torch.is_tensor(cond):
-            return cond.repeat_interleave(f)
-        return cond.repeat_interleave(f)
+        return cond if cond is None or not f else cond.repeat_interleave(f)
 
     # --- decoding and rewards ---------------------------------------------------------------------
     def to_images(self, x: Tensor) -> Tensor:
@@ -472,6 +477,7 @@ class RewardMixin:
         from diffdiv.data.images import save_image_grid
 
         t0 = time.perf_counter()
+        train_time = self.train_time()
         cache: dict[int, tuple] = self.__dict__.setdefault("_ref_cache", {})  # the reference never changes
         sums: dict[str, list[Tensor]] = {}
         imgs: dict[str, list[Tensor]] = {"policy": [], "reference": []}
@@ -514,11 +520,13 @@ class RewardMixin:
         if len(xp) > 1:
             out["mmd2"], out["mmd_bandwidth"] = mmd2_rbf(xp, xr)
         out["paired_mse"] = float(((xp - xr) ** 2).flatten(1).mean(1).mean())
+        if len(xp) > 1:  # < 1: the fine-tuned samples are less diverse than the reference's (collapse)
+            out["diversity_ratio"] = mean_pairwise_distance(xp) / max(mean_pairwise_distance(xr), 1e-12)
         grid = lambda x: x.reshape(-1, *x.shape[-3:])[:64].clamp(-1, 1)  # noqa: E731
         save_image_grid(grid(xp), self.out / "samples.png")
         save_image_grid(grid(xr), self.out / "samples_reference.png")
         hist = self.__dict__.setdefault("eval_history", [])
-        hist.append({"step": self.step, "train_time_s": self.train_time(), **out})
+        hist.append({"step": self.step, "train_time_s": train_time, **out})
         from diffdiv.models.loading import write_json_atomic
 
         write_json_atomic(self.out / "eval_history.json", hist)
