@@ -26,13 +26,13 @@ OUT = REPO / "benchmarks" / "results"
 RUNS = {"rCM (DMD weight 1)": "digits_rcm", "sCM (DMD weight 0)": "digits_scm"}
 
 
-def train(config: str, out_dir: Path, teacher: Path, extra: list[str]) -> float:
+def launch(config: str, out_dir: Path, teacher: Path, extra: list[str]) -> subprocess.Popen:
     cmd = [sys.executable, str(REPO / "train" / "rcm.py"), "--config", str(REPO / "configs" / f"{config}.yaml"),
            f"output_dir={out_dir}", f"teacher.path={teacher}", "progress=false", "overwrite=true", *extra]
     env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
-    t0 = time.time()
-    subprocess.run(cmd, check=True, env=env, cwd=REPO)
-    return time.time() - t0
+    out_dir.mkdir(parents=True, exist_ok=True)
+    return subprocess.Popen(cmd, env=env, cwd=REPO, stdout=open(out_dir.with_suffix(".log"), "w"),
+                            stderr=subprocess.STDOUT)
 
 
 def teacher_rows(teacher: Path, teacher_metrics: Path, steps: list[int]) -> list[dict]:
@@ -98,6 +98,8 @@ def main() -> None:
     ap.add_argument("--collect-only", action="store_true", help="read existing runs, do not train")
     ap.add_argument("--runs", default="runs", help="parent folder of the run directories")
     ap.add_argument("--teacher", default="runs/digits_teacher/teacher")
+    ap.add_argument("--sequential", action="store_true", help="train one run after the other (default: both "
+                    "at once, one thread each)")
     ap.add_argument("overrides", nargs="*")
     args = ap.parse_args()
     teacher = (REPO / args.teacher).resolve()
@@ -105,12 +107,22 @@ def main() -> None:
         sys.exit(f"error: no digits teacher at {teacher} (train it: python train/teacher.py --config "
                  "configs/digits_teacher.yaml)")
     res: dict = {"rows": [], "runs": {}}
+    runs = {name: (REPO / args.runs / cfg).resolve() for name, cfg in RUNS.items()}
+    if not args.collect_only:
+        t0 = time.time()
+        procs = []
+        for name, cfg in RUNS.items():
+            procs.append(launch(cfg, runs[name], teacher, args.overrides))
+            if args.sequential:
+                procs[-1].wait()
+        codes = [p.wait() for p in procs]
+        if any(codes):
+            sys.exit(f"error: a training run failed (exit codes {codes}); see {runs[name].parent}/*.log")
+        res["wall_time_s"] = time.time() - t0
     for name, cfg in RUNS.items():
-        run = (REPO / args.runs / cfg).resolve()
+        run = runs[name]
         cmd = (f"python train/rcm.py --config configs/{cfg}.yaml output_dir={run} teacher.path={teacher} "
                + " ".join(args.overrides)).strip()
-        if not args.collect_only:
-            train(cfg, run, teacher, args.overrides)
         rows = student_rows(name, run)
         res["rows"] += rows
         res["runs"][name] = {"command": cmd, "train_steps": rows[0]["train_steps"] if rows else None,
