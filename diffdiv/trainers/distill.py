@@ -249,11 +249,18 @@ class DistillTrainer(Trainer):
 def evaluate_model_steps(model: Denoiser, data: Dataset | None, n: int, steps: int, out: Path, kind: str,
                          tag: str = "", times: list[float] | None = None, cond: Any = None) -> dict[str, float]:
     """Few-step sample + score (digits FID, mixture stats, or just a grid for other data)."""
-    from diffdiv.data.images import save_image_grid
     from diffdiv.sampling import sample
 
     model.eval()
     x = sample(model, n, steps, seed=0, kind=kind, times=times, cond=cond)
+    return score_samples(model, x, data, out, tag, title=f"student {steps} step(s)")
+
+
+def score_samples(model: Denoiser, x: Tensor, data: Dataset | None, out: Path, tag: str = "",
+                  title: str = "") -> dict[str, float]:
+    """Metrics of drawn samples against the data (mixture mode stats + MMD, digits FID) and a picture."""
+    from diffdiv.data.images import save_image_grid
+
     suffix = f"_{tag}" if tag else ""
     metrics: dict[str, float] = {}
     if data is not None and data.mixture is not None:
@@ -261,14 +268,15 @@ def evaluate_model_steps(model: Denoiser, data: Dataset | None, n: int, steps: i
         from diffdiv.eval.plots import scatter_2d
 
         st = mode_stats(x, data.mixture)
-        ref = data.all(n)
+        ref = data.all(len(x))
         metrics.update({f"mmd{suffix}": mmd_rbf(ref[:2000], x[:2000]), f"mode_recall{suffix}": st["recall"],
                         f"far_fraction{suffix}": st["far_fraction"],
                         f"max_rel_mass_error{suffix}": st["max_rel_error"]})
         if x.shape[1] == 2:
-            scatter_2d(x, out / f"samples{suffix}.png", data.mixture.means, ref, title=f"student {steps} step(s)")
+            scatter_2d(x, out / f"samples{suffix}.png", data.mixture.means, ref, title=title)
         return metrics
-    images = model.decode(x[:64]) if hasattr(model, "decode") else x[:64]
+    with torch.no_grad():
+        images = model.decode(x[:64]) if hasattr(model, "decode") else x[:64]
     save_image_grid(images, out / f"samples{suffix}.png")
     if data is not None and data.cfg.kind == "digits" and x.shape[1:] == (1, 8, 8):
         from diffdiv.data.digits import load_digits_tensor

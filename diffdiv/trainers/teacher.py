@@ -149,30 +149,8 @@ def evaluate_model(model: Denoiser, data: Dataset, n: int, steps: int, sampler: 
                    kind: str = "diffusion", tag: str = "") -> dict[str, float]:
     """Sample, score against the data (digits FID or mixture mode stats/MMD), write samples.png."""
     from diffdiv.sampling import sample
+    from diffdiv.trainers.distill import score_samples
 
     model.eval()
     x = sample(model, n, steps, seed=0, sampler=sampler, kind=kind)
-    metrics: dict[str, float] = {}
-    suffix = f"_{tag}" if tag else ""
-    if data.mixture is not None:
-        from diffdiv.eval.mixture import mmd_rbf, mode_stats
-        from diffdiv.eval.plots import scatter_2d
-
-        st = mode_stats(x, data.mixture)
-        ref = data.all(n)
-        metrics.update({f"mmd{suffix}": mmd_rbf(ref[:2000], x[:2000]), f"mode_recall{suffix}": st["recall"],
-                        f"far_fraction{suffix}": st["far_fraction"],
-                        f"max_rel_mass_error{suffix}": st["max_rel_error"]})
-        if x.shape[1] == 2:
-            scatter_2d(x, out / f"samples{suffix}.png", data.mixture.means, ref, title=f"{kind} {steps} steps")
-    else:
-        from diffdiv.data.images import save_image_grid
-
-        save_image_grid(x[:64], out / f"samples{suffix}.png")
-        if data.cfg.kind == "digits":
-            from diffdiv.data.digits import load_digits_tensor
-            from diffdiv.eval.fid import digits_fid
-
-            metrics[f"fid_vs_train{suffix}"] = digits_fid(load_digits_tensor("train"), x)
-            metrics[f"fid_vs_test{suffix}"] = digits_fid(load_digits_tensor("test"), x)
-    return metrics
+    return score_samples(model, x, data, out, tag, title=f"{kind} {steps} steps")
