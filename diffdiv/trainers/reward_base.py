@@ -457,8 +457,12 @@ class RewardMixin:
             self._last_eval = self.train_time()
             self.evaluate()
         budget = getattr(self.cfg, "max_train_time_s", 0.0)
-        if budget and self.train_time() >= budget and self.cfg.max_steps > self.step + 1:
-            self.cfg.max_steps = self.step + 1
+        if budget:
+            stop = torch.tensor([float(self.train_time() >= budget)], device=self.device)
+            if self.world > 1:  # rank 0 decides (its clock excludes the evaluation it ran), all ranks follow
+                torch.distributed.broadcast(stop, src=0)
+            if stop.item() > 0 and self.cfg.max_steps > self.step + 1:
+                self.cfg.max_steps = self.step + 1
 
     def train_time(self) -> float:
         if getattr(self, "_t_start", None) is None:
