@@ -188,7 +188,15 @@ def test_rocm_unet2d_digits_reward(tiny_unet, tmp_path):
     metrics = _check_export(tr, out)
     assert metrics["path_kl"] > 0 and "path_hellinger" in metrics
     meta = json.loads((out / "model" / "diffdiv.json").read_text())
-    assert meta["kind"] == "consistency" and len(meta["times"]) == 2
+    assert meta["kind"] == "consistency" and len(meta["times"]) == 2 and meta["times_2"] == meta["times"]
+    # a consistency folder's own times (rCM students write times_<steps>) are used when times is unset
+    (out / "model" / "diffdiv.json").write_text(json.dumps({**meta, "times_2": [900.0, 300.0]}))
+    again = ROCMTrainer(load_config(ROCMTrainer.config_cls, ROOT / "configs/tiny_sd_rocm.yaml",
+                                    [f"model.path={out / 'model'}", f"output_dir={tmp_path / 'again'}", *FAST,
+                                     "steps=2", "reward={name: digits, target: 3}", "eval_reward=null",
+                                     "cond.prompt_list=null"]))
+    again.setup()
+    assert again.cm_times == [900.0, 300.0]
 
 
 def test_ipro_video_frames_identity_pool(tiny_sd, tmp_path):

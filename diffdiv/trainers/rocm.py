@@ -30,7 +30,7 @@ class ROCMConfig(RewardTrainConfig):
     output_dir: str = "runs/rocm"
     reward: dict[str, Any] = field(default_factory=lambda: {"name": "jpeg_compressibility_surrogate"})
     steps: int = 4  # consistency steps (1-4 typical)
-    times: list[float] | None = None  # model times; default: the folder's diffdiv.json times or default_times
+    times: list[float] | None = None  # model times; default: the folder's diffdiv.json times_<steps> or default_times
     divergence: Literal["kl", "hellinger", "tv", "chi2", "js"] = "kl"
     final_logsnr: float | None = 2.0  # the last step is compared after re-noising to this log-SNR (null: skip)
     ref_grad: bool = True  # divergence gradient also through the reference's input state
@@ -60,7 +60,7 @@ class ROCMTrainer(RewardTrainer):
             from pathlib import Path
 
             meta = read_meta(cfg.model.path) if Path(cfg.model.path).exists() else {}
-            mt = meta.get("times")
+            mt = meta.get(f"times_{cfg.steps}", meta.get("times"))  # rCM students store times_<steps>
             if isinstance(mt, list) and len(mt) == cfg.steps:
                 times = [float(v) for v in mt]
         if times is None:
@@ -99,4 +99,5 @@ class ROCMTrainer(RewardTrainer):
     def export_meta(self) -> dict[str, Any]:
         meta = super().export_meta()
         meta["times"] = self.cm_times
+        meta[f"times_{self.cfg.steps}"] = self.cm_times  # what `diffdiv sample` reads
         return meta
