@@ -17,7 +17,6 @@ from __future__ import annotations
 import contextlib
 import math
 from collections.abc import Callable, Iterator, Sequence
-from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -213,11 +212,3 @@ def relative_error(a: Tensor, b: Tensor) -> float:
     """||a - b|| / ||b|| in float64."""
     a, b = a.double(), b.double()
     return float((a - b).norm() / b.norm().clamp_min(1e-300))
-
-
-def call_with(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Callable[..., Tensor]:
-    """Bind trailing arguments: `call_with(view, cond=c)(x, t) == view(x, t, cond=c)`."""
-    def bound(*primals: Tensor) -> Tensor:
-        return fn(*primals, *args, **kwargs)
-
-    return bound

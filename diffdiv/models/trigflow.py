@@ -127,17 +127,3 @@ class TrigFlowView(nn.Module):
         t = torch.as_tensor(t_trig, dtype=torch.float64).reshape(-1)
         tau = self.denoiser.schedule.t_from_logsnr(trigflow_logsnr(t, self.sigma_data))
         return [float(v) for v in tau]
-
-
-class TrigFlowDenoiser(Denoiser):
-    """A Denoiser whose own schedule is TrigFlow (for tests / analytic students): x0 from a module F."""
-
-    def __init__(self, F: nn.Module, sigma_data: float, sample_shape: tuple[int, ...]):
-        super().__init__()
-        self.F = F
-        self.sigma_data = float(sigma_data)
-        self.schedule = TrigFlowSchedule(self.sigma_data)
-        self.sample_shape = tuple(sample_shape)
-
-    def _denoise(self, x_t: Tensor, t: Tensor, cond: Any = None) -> Tensor:
-        return x0_from_trigflow_F(x_t, self.F(x_t, t), t, self.sigma_data)
