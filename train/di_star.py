@@ -1,4 +1,7 @@
-"""Reward fine-tuning with DIStar: `accelerate launch train/di_star.py --config configs/<recipe>.yaml [key=value ...]`."""
+"""Reward fine-tuning with DI*.
+
+    accelerate launch train/di_star.py --config configs/<recipe>.yaml [key=value ...]
+"""
 
 from diffdiv.trainers.di_star import DIStarTrainer
 from diffdiv.trainers.entry import run

@@ -1,4 +1,7 @@
-"""Reward fine-tuning with DPOK: `accelerate launch train/dpok.py --config configs/<recipe>.yaml [key=value ...]`."""
+"""Reward fine-tuning with DPOK.
+
+    accelerate launch train/dpok.py --config configs/<recipe>.yaml [key=value ...]
+"""
 
 from diffdiv.trainers.dpok import DPOKTrainer
 from diffdiv.trainers.entry import run

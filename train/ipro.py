@@ -1,4 +1,7 @@
-"""Reward fine-tuning with IPRO: `accelerate launch train/ipro.py --config configs/<recipe>.yaml [key=value ...]`."""
+"""Reward fine-tuning with IPRO.
+
+    accelerate launch train/ipro.py --config configs/<recipe>.yaml [key=value ...]
+"""
 
 from diffdiv.trainers.entry import run
 from diffdiv.trainers.ipro import IPROTrainer

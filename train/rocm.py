@@ -1,4 +1,7 @@
-"""Reward fine-tuning with ROCM: `accelerate launch train/rocm.py --config configs/<recipe>.yaml [key=value ...]`."""
+"""Reward fine-tuning with ROCM.
+
+    accelerate launch train/rocm.py --config configs/<recipe>.yaml [key=value ...]
+"""
 
 from diffdiv.trainers.entry import run
 from diffdiv.trainers.rocm import ROCMTrainer
