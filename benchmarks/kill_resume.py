@@ -95,7 +95,8 @@ def main() -> None:
                          "max_abs_diff": max_diff, "stderr_tail": "" if ok else r.stderr[-300:]})
             print(json.dumps(rows[-1]), flush=True)
         summary = {"job": args.job, "config": args.config, "overrides": extra, "reference_time_s": ref_time,
-                   "runs_tried": len(rows), "kills_delivered": sum(k is not None for r in rows for k in r["kill_times_s"]),
+                   "runs_tried": len(rows),
+                   "kills_delivered": sum(k is not None for r in rows for k in r["kill_times_s"]),
                    "runs_identical": sum(r["identical"] for r in rows), "rows": rows}
         out_base = Path(args.out)
         out_base.parent.mkdir(parents=True, exist_ok=True)
