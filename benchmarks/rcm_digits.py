@@ -74,6 +74,15 @@ def student_rows(name: str, run: Path) -> list[dict]:
     return rows
 
 
+def one_step_rows(path: Path) -> list[dict]:
+    """The one-step f-distill / Uni-Instruct students of benchmarks/distill_digits.py, for comparison."""
+    if not path.is_file():
+        return []
+    students = json.loads(path.read_text()).get("students", {})
+    return [{"model": f"{name} (benchmarks/distill_digits.py)", "steps": 1, "fd_train": s["fid_train"],
+             "fd_test": s["fid_test"], "source": str(path.name)} for name, s in students.items()]
+
+
 def markdown(res: dict) -> str:
     t50 = next(r for r in res["rows"] if r["model"].startswith("teacher") and r["steps"] == 50)
     lines = ["# rCM vs sCM on the digits teacher", "",
@@ -100,6 +109,9 @@ def main() -> None:
     ap.add_argument("--teacher", default="runs/digits_teacher/teacher")
     ap.add_argument("--sequential", action="store_true", help="train one run after the other (default: both "
                     "at once, one thread each)")
+    ap.add_argument("--train-times", default=None, help="digits_rcm=SECONDS,digits_scm=SECONDS: training time "
+                    "when the runs were trained in resumed stages elsewhere (their metrics.json then times only "
+                    "the last stage)")
     ap.add_argument("overrides", nargs="*")
     args = ap.parse_args()
     teacher = (REPO / args.teacher).resolve()
@@ -107,6 +119,7 @@ def main() -> None:
         sys.exit(f"error: no digits teacher at {teacher} (train it: python train/teacher.py --config "
                  "configs/digits_teacher.yaml)")
     res: dict = {"rows": [], "runs": {}}
+    given_times = dict(kv.split("=", 1) for kv in args.train_times.split(",")) if args.train_times else {}
     runs = {name: (REPO / args.runs / cfg).resolve() for name, cfg in RUNS.items()}
     if not args.collect_only:
         t0 = time.time()
@@ -124,10 +137,14 @@ def main() -> None:
         cmd = (f"python train/rcm.py --config configs/{cfg}.yaml output_dir={run} teacher.path={teacher} "
                + " ".join(args.overrides)).strip()
         rows = student_rows(name, run)
+        for r in rows:
+            if cfg in given_times:
+                r["train_time_s"] = float(given_times[cfg])
         res["rows"] += rows
         res["runs"][name] = {"command": cmd, "train_steps": rows[0]["train_steps"] if rows else None,
                              "train_time_s": rows[0]["train_time_s"] if rows else float("nan")}
     res["rows"] = teacher_rows(teacher, teacher.parent / "metrics.json", [1, 2, 4]) + res["rows"]
+    res["rows"] += one_step_rows(OUT / "distill_digits.json")
     OUT.mkdir(parents=True, exist_ok=True)
     (OUT / "rcm_digits.json").write_text(json.dumps(res, indent=2))
     (OUT / "rcm_digits.md").write_text(markdown(res))
