@@ -25,6 +25,7 @@ from diffdiv.models.jvp import jvp, relative_error
 from diffdiv.models.trigflow import TrigFlowView
 from diffdiv.param import EDMSchedule, VPSchedule
 
+ROOT = Path(__file__).resolve().parents[1]
 SD = 0.6
 MU = torch.tensor([0.8, -0.5, 0.1], dtype=torch.float64)
 S0 = 0.4
@@ -270,3 +271,28 @@ def test_tiny_sd_rcm_end_to_end(tmp_path):
 
     z = np.load(tmp_path / "s.npz")
     assert z["images"].shape == (4, 3, 32, 32) and np.isfinite(z["images"]).all()
+
+
+@pytest.mark.slow
+def test_digits_times_search_averages_seeds_and_exports_times(tmp_path):
+    from diffdiv.config import load_config
+    from diffdiv.models.loading import read_meta
+    from diffdiv.models.tiny import build_tiny_unet2d
+    from diffdiv.trainers.rcm import RCMConfig, RCMTrainer
+
+    teacher = build_tiny_unet2d(tmp_path / "teacher", sample_size=8, channels=1)
+    out = tmp_path / "run"
+    cfg = load_config(RCMConfig, ROOT / "configs" / "digits_rcm.yaml", [
+        f"output_dir={out}", f"teacher.path={teacher}", "max_steps=2", "batch_size=8", "log_with=null",
+        "progress=false", "checkpoint_every=0", "eval_samples=64", "eval_steps=[1,2,3]", "dmd_start=0",
+        "times_search_samples=64", "times_search_seeds=2"])
+    tr = RCMTrainer(cfg)
+    m = tr.train()
+    # 9 candidate sigmas for the 2-step chain, then the 8 below the chosen one at most for 3 steps
+    assert 9 < m["times_search_evaluations"] <= 17
+    meta = read_meta(out / "student")
+    for k in (1, 2, 3):
+        assert len(meta[f"times_{k}"]) == k and meta[f"times_{k}"] == sorted(meta[f"times_{k}"], reverse=True)
+    assert meta["times_3"][:2] == meta["times_2"]  # greedy: the 3-step chain extends the 2-step one
+    _, best = min((v, key) for key, v in tr.times_search_log.items() if key.startswith("2:"))
+    assert tr.model_times(2, [float(best.split(":")[1])]) == pytest.approx(meta["times_2"])  # the argmin won

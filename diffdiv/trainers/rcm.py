@@ -71,12 +71,15 @@ class RCMConfig(DistillConfig):
     mid_sigmas: list[float] = field(default_factory=lambda: list(RCM_MID_SIGMAS))  # sampling times (sigma/alpha)
     times_search: bool = True  # digits: pick intermediate times per step count by Fréchet distance at export
     times_search_samples: int = 1000
+    times_search_seeds: int = 3  # the Fréchet distance of one 1000-sample draw moves by +-4: average over seeds
 
     def validate(self) -> None:
         super().validate()
         check(self.sigma_data is None or self.sigma_data > 0, "sigma_data must be > 0")
         check(self.sigma_max > 0, "sigma_max must be > 0")
         check(self.p_std > 0, "p_std must be > 0")
+        check(self.times_search_samples > 0 and self.times_search_seeds > 0,
+              "times_search_samples and times_search_seeds must be > 0")
         check(self.tangent_warmup >= 0, "tangent_warmup must be >= 0")
         check(self.scm_weight >= 0 and self.dmd_weight >= 0, "scm_weight and dmd_weight must be >= 0")
         check(self.scm_weight > 0 or self.dmd_weight > 0, "scm_weight and dmd_weight cannot both be 0")
@@ -270,7 +273,7 @@ class RCMTrainer(DistillTrainer):
         return self.student_view.model_times(trig)
 
     def search_times(self, student: Denoiser) -> dict[int, list[float]]:
-        """Greedy per-step-count search of intermediate sigmas by digits Fréchet distance (vs train)."""
+        """Greedy per-step-count search of intermediate sigmas by digits Fréchet distance (vs train, seed mean)."""
         from diffdiv.data.digits import load_digits_tensor
         from diffdiv.eval.fid import digits_fid
         from diffdiv.sampling import sample
@@ -288,9 +291,9 @@ class RCMTrainer(DistillTrainer):
                 if chosen and s >= chosen[-1]:
                     continue
                 mids = chosen + [s]
-                x = sample(student, n, k, seed=1234, kind="consistency", times=self.model_times(k, mids),
-                           cond=self.eval_cond(n))
-                fid = digits_fid(real, x)
+                fid = sum(digits_fid(real, sample(student, n, k, seed=1234 + i, kind="consistency",
+                                                  times=self.model_times(k, mids), cond=self.eval_cond(n)))
+                          for i in range(self.cfg.times_search_seeds)) / self.cfg.times_search_seeds
                 self.times_search_log[f"{k}:{','.join(f'{m:g}' for m in mids)}"] = fid
                 if best is None or fid < best[0]:
                     best = (fid, s)
