@@ -27,7 +27,7 @@ def main() -> None:
 
     from diffdiv.data.digits import load_digits_tensor
     from diffdiv.eval.fid import digits_fid
-    from diffdiv.models.loading import load_denoiser, read_meta
+    from diffdiv.eval.runner import LoadedModel, ModelSpec
     from diffdiv.sampling import sample
 
     seeds = [int(s) for s in args.seeds.split(",")]
@@ -36,16 +36,12 @@ def main() -> None:
     for spec in args.models:
         label, rest = spec.split("=", 1)
         folder, steps = rest.rsplit(":", 1)
-        meta = read_meta(folder)
-        model = load_denoiser(folder).eval()
-        consistency = meta.get("kind") == "consistency" or "times_1" in meta
+        m = LoadedModel(ModelSpec(label, folder))  # the sampler, kind and stored times `diffdiv eval` would use
         for k in (int(s) for s in steps.split(",")):
             fd_train, fd_test = [], []
             for seed in seeds:
-                if consistency:
-                    x = sample(model, args.samples, k, seed=seed, kind="consistency", times=meta.get(f"times_{k}"))
-                else:
-                    x = sample(model, args.samples, k, seed=seed, sampler="ddim")
+                x = sample(m.denoiser, args.samples, k, seed=seed, sampler=m.sampler(), kind=m.kind_for(k),
+                           times=m.meta.get(f"times_{k}"))
                 fd_train.append(digits_fid(train_x, x))
                 fd_test.append(digits_fid(test_x, x))
             rows.append({"model": label, "folder": folder, "steps": k, "seeds": seeds, "fd_train": fd_train,
