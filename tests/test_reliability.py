@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 from safetensors.torch import load_file
 
 from diffdiv.config import ConfigError, from_dict, load_config
-from diffdiv.trainers.base import list_checkpoints, verify_checkpoint
+from diffdiv.trainers.checkpoint import list_checkpoints, verify_checkpoint
 from diffdiv.trainers.entry import run
 from diffdiv.trainers.teacher import TeacherTrainConfig, TeacherTrainer
 

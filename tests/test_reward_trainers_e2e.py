@@ -147,7 +147,6 @@ def test_dpok_on_policy_ratio_is_one_and_run(tiny_sd, tmp_path):
                        "sample_batch=2", "steps=3", "updates_per_round=2", "max_steps=3", "value_baseline=true"])
     tr = DPOKTrainer(cfg)
     tr.setup()
-    tr._extra_logs = {}
     with torch.no_grad():
         _, parts = tr.loss("policy", 0)
     # the stored log-probs are those the update recomputes with unchanged weights: ratio 1, KL 0 at init
@@ -288,7 +287,7 @@ def test_dpok_two_processes_match_one(tiny_unet, tmp_path):
     assert r1.returncode == 0, r1.stderr[-3000:]
 
     def curve(d):
-        from diffdiv.trainers.base import list_checkpoints
+        from diffdiv.trainers.checkpoint import list_checkpoints
 
         ck = list_checkpoints(d / "checkpoints")[-1]
         hist = json.loads((ck / "trainer_state.json").read_text())["history"]

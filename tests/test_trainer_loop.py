@@ -7,7 +7,8 @@ import torch
 from safetensors.torch import load_file
 
 from diffdiv.config import ConfigError, load_config
-from diffdiv.trainers.base import TrainingError, list_checkpoints, verify_checkpoint
+from diffdiv.trainers.base import TrainingError
+from diffdiv.trainers.checkpoint import list_checkpoints, verify_checkpoint
 from diffdiv.trainers.teacher import TeacherTrainConfig, TeacherTrainer
 
 BASE = ["data.kind=mixture", "data.mixture.kind=ring", "data.mixture.num_modes=4", "model.kind=mlp",

@@ -98,13 +98,12 @@ class DIStarTrainer(RewardMixin, DistillTrainer):
         self.setup_prompts()
 
     def phases(self, step: int) -> list[str]:
-        self.tick()
         return ["fake"] * self.cfg.fake_updates + ["gen"]
 
     def _batch(self) -> tuple[Tensor | None, Any, Tensor]:
         n = self.cfg.batch_size
         idx = self.draw_prompts(n)
-        return idx, self.cond_for(idx), self.grandn(n, *self.sample_shape)
+        return idx, self.cond_for(idx), self.randn(*self.sample_shape, n=n)
 
     def loss(self, phase: str, micro: int) -> tuple[Tensor, dict[str, float]]:
         cfg = self.cfg

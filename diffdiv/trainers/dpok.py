@@ -157,7 +157,6 @@ class DPOKTrainer(RewardTrainer):
         return self.cond_for(idx).embeds.float().mean(1)
 
     def phases(self, step: int) -> list[str]:
-        self.tick()
         return ["value", "policy"] if self.cfg.value_baseline else ["policy"]
 
     # --- sampling rounds -----------------------------------------------------------------------
@@ -202,8 +201,8 @@ class DPOKTrainer(RewardTrainer):
                 self.collect()
             d = self.buffer.data
             T = self.cfg.steps
-            traj = self.grandint(len(self.buffer), self.cfg.batch_size)
-            k = self.grandint(T, self.cfg.batch_size)
+            traj = self.randint(len(self.buffer))
+            k = self.randint(T)
             pid = d["prompt"][traj]
             idx = None if self.prompt_list is None else pid
             self._mb = {key: {"x_t": d["states"][traj, k], "x_s": d["states"][traj, k + 1],

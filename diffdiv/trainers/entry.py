@@ -9,6 +9,7 @@ from typing import Any
 
 from diffdiv.config import ConfigError, load_config
 from diffdiv.trainers.base import Trainer, TrainingError
+from diffdiv.trainers.runtime import shutdown
 
 
 def parse_args(argv: list[str] | None, description: str) -> tuple[str | None, list[str]]:
@@ -48,11 +49,11 @@ def run(trainer_cls: type[Trainer], argv: list[str] | None = None) -> dict[str, 
         sys.exit(2)
     except TrainingError as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
-        _shutdown()
+        shutdown()
         sys.exit(1)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr, flush=True)
-        _shutdown()
+        shutdown()
         sys.exit(130)
     acc = trainer.accelerator
     if acc.is_main_process:
@@ -61,17 +62,5 @@ def run(trainer_cls: type[Trainer], argv: list[str] | None = None) -> dict[str, 
             print(table, flush=True)
         print(json.dumps({"output_dir": str(trainer.out)}), flush=True)
     acc.wait_for_everyone()
-    _shutdown()
+    shutdown()
     return metrics
-
-
-def _shutdown() -> None:
-    """Tear down the process group cleanly (avoids an abort at exit under accelerate launch)."""
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        try:
-            dist.barrier()
-        except Exception:
-            pass
-        dist.destroy_process_group()

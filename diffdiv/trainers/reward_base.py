@@ -19,7 +19,6 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,6 +31,7 @@ from diffdiv.config import ConfigError, check
 from diffdiv.models.base import Denoiser
 from diffdiv.trainers.base import TrainConfig, Trainer, check_lr
 from diffdiv.trainers.distill import CondConfig
+from diffdiv.trainers.runtime import rank0_decides
 
 # ----------------------------------------------------------------------------------------------
 # Config sections
@@ -337,20 +337,6 @@ class RewardMixin:
     cfg: Any
     rng: torch.Generator
 
-    # --- global-batch randomness sliced per rank, for any global size n ---------------------------
-    def _slice(self, x: Tensor, n: int) -> Tensor:
-        if n % self.world:
-            raise ConfigError(f"a global batch of {n} is not divisible by the {self.world} processes")
-        per = n // self.world
-        return x[self.rank * per:(self.rank + 1) * per].to(self.device)
-
-    def grandn(self, n: int, *shape: int) -> Tensor:
-        """This rank's slice of a global N(0, I) draw of shape (n, *shape)."""
-        return self._slice(torch.randn(n, *shape, generator=self.rng), n)
-
-    def grandint(self, high: int, n: int) -> Tensor:
-        return self._slice(torch.randint(high, (n,), generator=self.rng), n)
-
     # --- rewards --------------------------------------------------------------------------------
     def build_rewards(self) -> None:
         from diffdiv.rewards import build_reward
@@ -407,7 +393,7 @@ class RewardMixin:
         """This rank's prompt indices for a global batch of n (None when unconditional)."""
         if self.prompt_list is None:
             return None
-        return self.grandint(len(self.prompt_list), n)
+        return self.randint(len(self.prompt_list), n=n)
 
     def per_frame(self, cond: Any) -> Any:
         """Each sample's condition repeated for its F frames (labels or TextCond)."""
@@ -446,28 +432,19 @@ class RewardMixin:
         return correlated_frame_noise(shared, per, self.cfg.frame_noise_corr).reshape(n * f, *shape).to(self.device)
 
     # --- wall-clock budget and evaluation history ---------------------------------------------------
-    def tick(self) -> None:
-        """Call once per step (from `phases`): evaluates every `eval_every_s` of training time and stops
-        training once `max_train_time_s` of training time (evaluation excluded) is spent."""
-        now = time.perf_counter()
-        if getattr(self, "_t_start", None) is None:
-            self._t_start, self._eval_time, self._last_eval = now, 0.0, None
+    def should_stop(self) -> bool:
+        """Evaluate every `eval_every_s` of training time (from step 0); stop once `max_train_time_s` of
+        training time (evaluation excluded) is spent, after at least one step. Rank 0's clock decides."""
         every = getattr(self.cfg, "eval_every_s", 0.0)
-        if every and (self._last_eval is None or self.train_time() - self._last_eval >= every):
-            self._last_eval = self.train_time()
-            self.evaluate()
+        last = getattr(self, "last_timed_eval", None)
+        if every and (last is None or self.clock.train_seconds() - last >= every):
+            self.last_timed_eval = self.clock.train_seconds()
+            with self.clock.excluded():
+                self.evaluate()
         budget = getattr(self.cfg, "max_train_time_s", 0.0)
-        if budget:
-            stop = torch.tensor([float(self.train_time() >= budget)], device=self.device)
-            if self.world > 1:  # rank 0 decides (its clock excludes the evaluation it ran), all ranks follow
-                torch.distributed.broadcast(stop, src=0)
-            if stop.item() > 0 and self.cfg.max_steps > self.step + 1:
-                self.cfg.max_steps = self.step + 1
-
-    def train_time(self) -> float:
-        if getattr(self, "_t_start", None) is None:
-            return 0.0
-        return time.perf_counter() - self._t_start - self._eval_time
+        if not budget or self.step == 0:
+            return False
+        return rank0_decides(self.clock.train_seconds() >= budget, self.world, self.device)
 
     @torch.no_grad()
     def evaluate_rewards(self) -> dict[str, float]:
@@ -480,8 +457,7 @@ class RewardMixin:
             return {}
         from diffdiv.data.images import save_image_grid
 
-        t0 = time.perf_counter()
-        train_time = self.train_time()
+        train_time = self.clock.train_seconds()
         cache: dict[int, tuple] = self.__dict__.setdefault("_ref_cache", {})  # the reference never changes
         sums: dict[str, list[Tensor]] = {}
         imgs: dict[str, list[Tensor]] = {"policy": [], "reference": []}
@@ -534,8 +510,6 @@ class RewardMixin:
         from diffdiv.models.loading import write_json_atomic
 
         write_json_atomic(self.out / "eval_history.json", hist)
-        if getattr(self, "_t_start", None) is not None:
-            self._eval_time += time.perf_counter() - t0
         return out
 
 
@@ -602,7 +576,6 @@ class RewardTrainer(RewardMixin, Trainer):
         """Method-specific networks and state (value function, buffers)."""
 
     def phases(self, step: int) -> list[str]:
-        self.tick()
         return ["policy"]
 
     # --- models as functions ----------------------------------------------------------------------
@@ -635,11 +608,11 @@ class RewardTrainer(RewardMixin, Trainer):
         """This rank's initial noise for a global batch of n samples ((n*F, ...) with frames)."""
         f = self.cfg.frames
         if not f:
-            return self.grandn(n, *self.sample_shape)
+            return self.randn(*self.sample_shape, n=n)
         from diffdiv.methods.ipro import correlated_frame_noise
 
-        shared = self.grandn(n, *self.sample_shape)
-        per = self.grandn(n, f, *self.sample_shape)
+        shared = self.randn(*self.sample_shape, n=n)
+        per = self.randn(f, *self.sample_shape, n=n)
         z = correlated_frame_noise(shared, per, self.cfg.frame_noise_corr)
         return z.reshape(-1, *self.sample_shape)
 
@@ -647,8 +620,8 @@ class RewardTrainer(RewardMixin, Trainer):
         """Per-step noises for a global batch of n samples (frames flattened)."""
         f = self.cfg.frames
         if not f:
-            return [self.grandn(n, *self.sample_shape) for _ in range(count)]
-        return [self.grandn(n, f, *self.sample_shape).reshape(-1, *self.sample_shape) for _ in range(count)]
+            return [self.randn(*self.sample_shape, n=n) for _ in range(count)]
+        return [self.randn(f, *self.sample_shape, n=n).reshape(-1, *self.sample_shape) for _ in range(count)]
 
     def per_sample(self, v: Tensor) -> Tensor:
         """(B*F,) per-frame values -> (B,) per video (sum or mean over frames, like `reduce`)."""
