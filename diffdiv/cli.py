@@ -127,7 +127,8 @@ def cmd_sample(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def cmd_info(args: argparse.Namespace) -> None:
-    from diffdiv.models.loading import read_meta, read_model_index
+    from diffdiv.models.hub import read_model_index
+    from diffdiv.models.loading import read_meta
 
     index = read_model_index(args.model)
     meta = read_meta(args.model)

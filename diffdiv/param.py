@@ -17,7 +17,7 @@ from torch import Tensor
 PredictionType = Literal["epsilon", "v_prediction", "sample", "flow", "trigflow"]
 
 
-def _bcast(c: Tensor | float, like: Tensor) -> Tensor:
+def bcast(c: Tensor | float, like: Tensor) -> Tensor:
     """Reshape a per-sample coefficient (B,) so it broadcasts against (B, ...)."""
     if not torch.is_tensor(c):
         return torch.as_tensor(c, dtype=like.dtype, device=like.device)
@@ -33,33 +33,33 @@ def _bcast(c: Tensor | float, like: Tensor) -> Tensor:
 
 def eps_from_x0(x_t: Tensor, x0: Tensor, a: Tensor, s: Tensor) -> Tensor:
     # eps = (x_t - alpha x0) / sigma
-    return (x_t - _bcast(a, x_t) * x0) / _bcast(s, x_t)
+    return (x_t - bcast(a, x_t) * x0) / bcast(s, x_t)
 
 
 def x0_from_eps(x_t: Tensor, eps: Tensor, a: Tensor, s: Tensor) -> Tensor:
     # x0 = (x_t - sigma eps) / alpha
-    return (x_t - _bcast(s, x_t) * eps) / _bcast(a, x_t)
+    return (x_t - bcast(s, x_t) * eps) / bcast(a, x_t)
 
 
 def v_from_x0(x_t: Tensor, x0: Tensor, a: Tensor, s: Tensor) -> Tensor:
     # v = alpha eps - sigma x0 (Salimans & Ho 2022)
-    return _bcast(a, x_t) * eps_from_x0(x_t, x0, a, s) - _bcast(s, x_t) * x0
+    return bcast(a, x_t) * eps_from_x0(x_t, x0, a, s) - bcast(s, x_t) * x0
 
 
 def x0_from_v(x_t: Tensor, v: Tensor, a: Tensor, s: Tensor) -> Tensor:
     # x0 = (alpha x_t - sigma v) / (alpha^2 + sigma^2)   (= alpha x_t - sigma v when VP)
-    a_, s_ = _bcast(a, x_t), _bcast(s, x_t)
+    a_, s_ = bcast(a, x_t), bcast(s, x_t)
     return (a_ * x_t - s_ * v) / (a_**2 + s_**2)
 
 
 def score_from_x0(x_t: Tensor, x0: Tensor, a: Tensor, s: Tensor) -> Tensor:
     # Tweedie: grad log p_t(x_t) = (alpha x0 - x_t) / sigma^2
-    return (_bcast(a, x_t) * x0 - x_t) / _bcast(s, x_t) ** 2
+    return (bcast(a, x_t) * x0 - x_t) / bcast(s, x_t) ** 2
 
 
 def x0_from_score(x_t: Tensor, score: Tensor, a: Tensor, s: Tensor) -> Tensor:
     # x0 = (x_t + sigma^2 score) / alpha
-    return (x_t + _bcast(s, x_t) ** 2 * score) / _bcast(a, x_t)
+    return (x_t + bcast(s, x_t) ** 2 * score) / bcast(a, x_t)
 
 
 def flow_from_x0(x_t: Tensor, x0: Tensor, a: Tensor, s: Tensor) -> Tensor:
@@ -69,19 +69,19 @@ def flow_from_x0(x_t: Tensor, x0: Tensor, a: Tensor, s: Tensor) -> Tensor:
 
 def x0_from_flow(x_t: Tensor, u: Tensor, a: Tensor, s: Tensor) -> Tensor:
     # x_t = a x0 + s (u + x0)  =>  x0 = (x_t - s u) / (a + s)
-    a_, s_ = _bcast(a, x_t), _bcast(s, x_t)
+    a_, s_ = bcast(a, x_t), bcast(s, x_t)
     return (x_t - s_ * u) / (a_ + s_)
 
 
 def trigflow_F_from_x0(x_t: Tensor, x0: Tensor, t: Tensor, sigma_data: float) -> Tensor:
     # sCM: D(x_t, t) = cos t x_t - sin t sd F  =>  F = (cos t x_t - x0) / (sd sin t)
-    c, s = _bcast(torch.cos(t), x_t), _bcast(torch.sin(t), x_t)
+    c, s = bcast(torch.cos(t), x_t), bcast(torch.sin(t), x_t)
     return (c * x_t - x0) / (sigma_data * s)
 
 
 def x0_from_trigflow_F(x_t: Tensor, F: Tensor, t: Tensor, sigma_data: float) -> Tensor:
     # sCM consistency/denoiser parameterization: f(x_t, t) = cos t x_t - sin t sd F
-    c, s = _bcast(torch.cos(t), x_t), _bcast(torch.sin(t), x_t)
+    c, s = bcast(torch.cos(t), x_t), bcast(torch.sin(t), x_t)
     return c * x_t - s * sigma_data * F
 
 

@@ -36,9 +36,9 @@ def scheduler_config_of(denoiser: Denoiser) -> dict[str, Any]:
     cfg = getattr(denoiser, "scheduler_config", None)
     if cfg is not None:
         return dict(cfg)
-    from diffdiv.models.loading import _scheduler_for
+    from diffdiv.models.loading import scheduler_for
 
-    return dict(_scheduler_for(denoiser.schedule).config)
+    return dict(scheduler_for(denoiser.schedule).config)
 
 
 def make_scheduler(denoiser: Denoiser, sampler: str = "ddim", **overrides: Any):

@@ -12,12 +12,7 @@ from PIL import Image
 
 from diffdiv.config import ConfigError, load_config
 from diffdiv.models.loading import load_denoiser, save_denoiser
-from diffdiv.models.tiny import build_tiny_sd, build_tiny_unet2d
-from diffdiv.trainers.di_star import DIStarTrainer
-from diffdiv.trainers.dpok import DPOKTrainer
-from diffdiv.trainers.entry import run
-from diffdiv.trainers.ipro import IPROTrainer
-from diffdiv.trainers.reward_base import (
+from diffdiv.models.lora import (
     LoRAConfig,
     adapters_disabled,
     add_lora,
@@ -26,6 +21,11 @@ from diffdiv.trainers.reward_base import (
     merged_copy,
     save_lora,
 )
+from diffdiv.models.tiny import build_tiny_sd, build_tiny_unet2d
+from diffdiv.trainers.di_star import DIStarTrainer
+from diffdiv.trainers.dpok import DPOKTrainer
+from diffdiv.trainers.entry import run
+from diffdiv.trainers.ipro import IPROTrainer
 from diffdiv.trainers.rocm import ROCMTrainer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -311,7 +311,7 @@ def test_time_budget_and_timed_evaluation(tiny_sd, tmp_path):
 def test_mmd2_rbf_matches_closed_form():
     """Unbiased MMD^2 of N(0, 1) vs N(mu, 1) with an RBF kernel of bandwidth h:
     2 sqrt(h^2 / (h^2 + 2)) (1 - exp(-mu^2 / (2 (h^2 + 2))))."""
-    from diffdiv.trainers.reward_base import mmd2_rbf
+    from diffdiv.eval.manifold import median_mmd2 as mmd2_rbf
 
     g = torch.Generator().manual_seed(0)
     h, mu, n, reps = 1.5, 0.8, 400, 20
@@ -322,3 +322,14 @@ def test_mmd2_rbf_matches_closed_form():
     assert abs(est - exact) < 4 * se and exact > 10 * se, (est, exact, se)
     same = [mmd2_rbf(torch.randn(n, 1, generator=g), torch.randn(n, 1, generator=g))[0] for _ in range(reps)]
     assert abs(np.mean(same)) < 4 * np.std(same) / np.sqrt(reps)  # unbiased: zero mean for equal laws
+    # paired draws (y_i a small perturbation of x_i, as two models from the same noise): the plain estimator is
+    # biased low for equal laws, the paired U-statistic is not
+    plain, paired = [], []
+    for _ in range(reps):
+        x = torch.randn(64, 1, generator=g, dtype=torch.float64)
+        y = (x + 0.3 * torch.randn(64, 1, generator=g, dtype=torch.float64)) / (1 + 0.09) ** 0.5  # same law N(0,1)
+        plain.append(mmd2_rbf(x, y, bandwidth=h)[0])
+        paired.append(mmd2_rbf(x, y, bandwidth=h, paired=True)[0])
+    se_paired = np.std(paired) / np.sqrt(reps)
+    assert abs(np.mean(paired)) < 4 * se_paired, (np.mean(paired), se_paired)
+    assert np.mean(plain) < -4 * np.std(plain) / np.sqrt(reps), np.mean(plain)

@@ -56,3 +56,17 @@ def feature_mmd(real: Tensor, fake: Tensor, scales: tuple[float, ...] = (0.5, 1.
     fake = fake.reshape(len(fake), -1).double()[:max_samples]
     h = bandwidth if bandwidth is not None else median_distance(real)
     return mmd_rbf(real, fake, tuple(s * h for s in scales))
+
+
+def median_mmd2(x: Tensor, y: Tensor, bandwidth: float | None = None, paired: bool = False) -> tuple[float, float]:
+    """Unbiased MMD^2 with one RBF kernel of bandwidth h (default: the median distance within y); (mmd2, h)."""
+    h = bandwidth if bandwidth is not None else max(median_distance(y, max_points=len(y)), 1e-12)
+    return mmd_rbf(x, y, (h,), paired=paired), h
+
+
+def mean_pairwise_distance(x: Tensor) -> float:
+    """Mean L2 distance between distinct samples (flattened)."""
+    x = x.reshape(x.shape[0], -1).double()
+    n = len(x)
+    return float(torch.cdist(x, x).sum() / (n * (n - 1)))
+

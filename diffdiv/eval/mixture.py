@@ -39,8 +39,13 @@ def mode_stats(x: Tensor, mix: GaussianMixture, near: float = 3.0) -> dict[str, 
     }
 
 
-def mmd_rbf(x: Tensor, y: Tensor, bandwidths: tuple[float, ...] = (0.1, 0.3, 1.0, 3.0)) -> float:
-    """Unbiased squared MMD with a sum of RBF kernels."""
+def mmd_rbf(x: Tensor, y: Tensor, bandwidths: tuple[float, ...] = (0.1, 0.3, 1.0, 3.0), paired: bool = False) -> float:
+    """Unbiased squared MMD (Gretton et al. 2012, Eq. 3) with a sum of RBF kernels exp(-d^2 / 2h^2).
+
+    `paired=True` (x_i and y_i drawn together, e.g. two models from the same noise; needs len(x) == len(y)) also
+    drops the cross pairs k(x_i, y_i): the U-statistic over i != j of k(x_i,x_j) + k(y_i,y_j) - k(x_i,y_j) - k(x_j,y_i),
+    unbiased whether or not the pairs are dependent (the plain estimator is biased for dependent pairs).
+    """
     x = x.reshape(len(x), -1).double()
     y = y.reshape(len(y), -1).double()
 
@@ -52,4 +57,9 @@ def mmd_rbf(x: Tensor, y: Tensor, bandwidths: tuple[float, ...] = (0.1, 0.3, 1.0
     kxx, kyy, kxy = k(x, x), k(y, y), k(x, y)
     sxx = (kxx.sum() - kxx.diagonal().sum()) / (n * (n - 1))
     syy = (kyy.sum() - kyy.diagonal().sum()) / (m * (m - 1))
+    if paired:
+        if n != m:
+            raise ValueError(f"paired MMD needs equal sizes, got {n} and {m}")
+        sxy = (kxy.sum() - kxy.diagonal().sum()) / (n * (n - 1))
+        return float(sxx + syy - 2 * sxy)
     return float(sxx + syy - 2 * kxy.mean())

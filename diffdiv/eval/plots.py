@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 
 
-def _plt():
+def pyplot():
     import matplotlib
 
     matplotlib.use("Agg")
@@ -20,7 +20,7 @@ def _plt():
 def scatter_2d(samples: torch.Tensor, path: str | Path, means: torch.Tensor | None = None,
                reference: torch.Tensor | None = None, title: str = "") -> None:
     """Scatter of 2-D samples (and the reference / mode centers) saved as PNG."""
-    plt = _plt()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(5, 5), dpi=100)
     if reference is not None:
         r = reference[:2000].cpu().numpy()
@@ -42,7 +42,7 @@ def scatter_2d(samples: torch.Tensor, path: str | Path, means: torch.Tensor | No
 def line_plot(xs: Sequence[float], series: dict[str, Sequence[float]], path: str | Path, xlabel: str = "",
               ylabel: str = "", title: str = "", logx: bool = False) -> None:
     """One PNG with one line per series."""
-    plt = _plt()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6, 4), dpi=100)
     for name, ys in series.items():
         ax.plot(list(xs)[: len(ys)], list(ys), marker="o", ms=3, label=name)
@@ -62,7 +62,7 @@ def line_plot(xs: Sequence[float], series: dict[str, Sequence[float]], path: str
 def panels_plot(panels: dict[str, dict[str, tuple[Sequence[float], Sequence[float]]]], path: str | Path,
                 xlabel: str = "", title: str = "", logx: bool = False) -> None:
     """One PNG with a panel per metric; each panel holds one line per series: {panel: {series: (xs, ys)}}."""
-    plt = _plt()
+    plt = pyplot()
     k = max(1, len(panels))
     cols = min(k, 3)
     rows = (k + cols - 1) // cols

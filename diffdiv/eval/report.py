@@ -169,9 +169,9 @@ def plot_training_log(path: str | Path, out_png: Path, title: str = "") -> str |
             series[k] = ([p[0] for p in pts], [p[1] for p in pts])
     if not series:
         return None
-    from diffdiv.eval.plots import _plt
+    from diffdiv.eval.plots import pyplot
 
-    plt = _plt()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6, 4), dpi=100)
     for k, (x, y) in series.items():
         ax.plot(x, y, lw=1.2, label=k)

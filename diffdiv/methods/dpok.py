@@ -25,7 +25,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from diffdiv.param import _bcast
+from diffdiv.param import bcast
 
 REDUCTIONS = ("mean", "sum")
 
@@ -51,8 +51,8 @@ def ddim_step_coeffs(alpha_t: Tensor, sigma_t: Tensor, alpha_s: Tensor, sigma_s:
 def ddim_step_mean(x_t: Tensor, x0: Tensor, alpha_t: Tensor, sigma_t: Tensor, c_x0: Tensor,
                    c_eps: Tensor) -> Tensor:
     """mu = c_x0 x0 + c_eps eps(x_t, x0) (DDIM eq. 12 without the noise term)."""
-    eps = (x_t - _bcast(alpha_t, x_t) * x0) / _bcast(sigma_t, x_t)
-    return _bcast(c_x0, x_t) * x0 + _bcast(c_eps, x_t) * eps
+    eps = (x_t - bcast(alpha_t, x_t) * x0) / bcast(sigma_t, x_t)
+    return bcast(c_x0, x_t) * x0 + bcast(c_eps, x_t) * eps
 
 
 def ddim_mean_x0_coef(alpha_t: Tensor, sigma_t: Tensor, c_x0: Tensor, c_eps: Tensor) -> Tensor:
@@ -62,20 +62,20 @@ def ddim_mean_x0_coef(alpha_t: Tensor, sigma_t: Tensor, c_x0: Tensor, c_eps: Ten
 
 def gaussian_log_prob(x: Tensor, mean: Tensor, std: Tensor | float, reduce: str = "mean") -> Tensor:
     """log N(x; mean, std^2 I) per sample (B,), summed or averaged over elements; std per sample or scalar."""
-    s = _bcast(torch.as_tensor(std, dtype=mean.dtype, device=mean.device), mean)
+    s = bcast(torch.as_tensor(std, dtype=mean.dtype, device=mean.device), mean)
     per = -((x - mean) ** 2) / (2 * s**2) - torch.log(s) - 0.5 * math.log(2 * math.pi)
     return _reduce(per, reduce)
 
 
 def gaussian_kl_same_std(mean_a: Tensor, mean_b: Tensor, std: Tensor | float, reduce: str = "mean") -> Tensor:
     """KL(N(mean_a, std^2 I) || N(mean_b, std^2 I)) = ||mean_a - mean_b||^2 / (2 std^2), per sample."""
-    s = _bcast(torch.as_tensor(std, dtype=mean_a.dtype, device=mean_a.device), mean_a)
+    s = bcast(torch.as_tensor(std, dtype=mean_a.dtype, device=mean_a.device), mean_a)
     return _reduce((mean_a - mean_b) ** 2 / (2 * s**2), reduce)
 
 
 def step_kl_from_x0(x0_a: Tensor, x0_b: Tensor, k: Tensor, std: Tensor, reduce: str = "mean") -> Tensor:
     """Per-step KL of two DDIM transitions at the same x_t: k^2 ||x0_a - x0_b||^2 / (2 std^2) (DPOK eq. 7)."""
-    kk = _bcast(torch.as_tensor(k, dtype=x0_a.dtype, device=x0_a.device), x0_a)
+    kk = bcast(torch.as_tensor(k, dtype=x0_a.dtype, device=x0_a.device), x0_a)
     return gaussian_kl_same_std(kk * x0_a, kk * x0_b, std, reduce)
 
 

@@ -19,7 +19,7 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
-from diffdiv.param import _bcast
+from diffdiv.param import bcast
 
 
 def trigflow_time_from_normal(u: Tensor, p_mean: float, p_std: float, sigma_data: float) -> Tensor:
@@ -47,7 +47,7 @@ def scm_tangent(F_minus: Tensor, jvp_F: Tensor, dxt_dt: Tensor, x_t: Tensor, t: 
     rcm (rCM code's warm-up): the first factor cos^2 t is cos t sqrt(1 - r^2 sin^2 t) (equal at r = 1;
     at r = 0 it regresses F onto the teacher with weight cos t).
     """
-    c, s = _bcast(torch.cos(t), x_t), _bcast(torch.sin(t), x_t)
+    c, s = bcast(torch.cos(t), x_t), bcast(torch.sin(t), x_t)
     if form == "scm":
         first = c * c
     elif form == "rcm":
@@ -62,7 +62,7 @@ def normalize_tangent(g: Tensor, c: float = 0.1) -> Tensor:
     if c is None or c < 0:
         return g
     norm = g.flatten(1).norm(dim=1)
-    return g / _bcast(norm + c, g)
+    return g / bcast(norm + c, g)
 
 
 def scm_loss(F_theta: Tensor, F_minus: Tensor, g: Tensor, logvar: Tensor | None = None) -> Tensor:

@@ -18,7 +18,9 @@ import torch
 from diffusers import DDIMScheduler, DDPMPipeline, DDPMScheduler, DiffusionPipeline
 
 from diffdiv.config import ConfigError
+from diffdiv.models import text2img
 from diffdiv.models.base import Denoiser
+from diffdiv.models.hub import is_local, read_model_index
 from diffdiv.models.nets import MLPNet, NetDenoiser
 from diffdiv.models.unet import UNetDenoiser
 
@@ -39,26 +41,6 @@ class MLPPipeline(DiffusionPipeline):
         self.register_modules(net=net, scheduler=scheduler)
 
 
-def _is_local(path: str | os.PathLike) -> bool:
-    return Path(path).exists()
-
-
-def read_model_index(path_or_id: str | os.PathLike) -> dict[str, Any]:
-    """model_index.json of a local folder or a hub repository."""
-    if _is_local(path_or_id):
-        f = Path(path_or_id) / "model_index.json"
-        if not f.is_file():
-            raise ConfigError(f"{path_or_id} is not a diffusers pipeline folder (no model_index.json)")
-        return json.loads(f.read_text())
-    try:
-        from huggingface_hub import hf_hub_download
-
-        return json.loads(Path(hf_hub_download(str(path_or_id), "model_index.json")).read_text())
-    except Exception as e:  # offline / unknown id
-        raise ConfigError(f"model '{path_or_id}' is not a local folder and could not be fetched from the hub "
-                          f"({type(e).__name__})") from None
-
-
 def read_meta(path: str | os.PathLike) -> dict[str, Any]:
     """The diffdiv.json sidecar (empty for plain diffusers pipelines)."""
     f = Path(path) / META_FILE
@@ -77,7 +59,7 @@ def load_denoiser(path_or_id: str | os.PathLike, guidance_scale: float | None = 
         _refuse_pickle_only(path_or_id)
         kwargs.setdefault("use_safetensors", True)
     cls = index.get("_class_name", "")
-    meta = read_meta(path_or_id) if _is_local(path_or_id) else {}
+    meta = read_meta(path_or_id) if is_local(path_or_id) else {}
     gs = guidance_scale if guidance_scale is not None else meta.get("guidance_scale", 1.0)
     dtype_kw = {"torch_dtype": torch_dtype} if torch_dtype is not None else {}
     safe_kw = {"use_safetensors": kwargs.pop("use_safetensors")} if "use_safetensors" in kwargs else {}
@@ -90,8 +72,6 @@ def load_denoiser(path_or_id: str | os.PathLike, guidance_scale: float | None = 
         return NetDenoiser(pipe.net, _schedule_of(pipe.scheduler), sigma_data=meta.get("sigma_data", 1.0),
                            guidance_scale=gs)
     if cls in TEXT2IMG_PIPELINES:
-        from diffdiv.models import text2img
-
         return text2img.load_text2img(path_or_id, cls, guidance_scale=gs, torch_dtype=torch_dtype, **safe_kw,
                                       **kwargs)
     raise ConfigError(f"unsupported pipeline class '{cls}' in {path_or_id}")
@@ -164,7 +144,7 @@ def save_denoiser(denoiser: Denoiser, path: str | os.PathLike, meta: dict[str, A
                 else denoiser.make_scheduler()
             DDPMPipeline(unet=denoiser.unet, scheduler=sch).save_pretrained(tmp, safe_serialization=True)
         elif isinstance(denoiser, NetDenoiser):
-            sch = _scheduler_for(denoiser.schedule)
+            sch = scheduler_for(denoiser.schedule)
             meta.setdefault("sigma_data", denoiser.sigma_data)
             MLPPipeline(net=denoiser.net, scheduler=sch).save_pretrained(tmp, safe_serialization=True)
         elif hasattr(denoiser, "save_pipeline"):
@@ -176,7 +156,7 @@ def save_denoiser(denoiser: Denoiser, path: str | os.PathLike, meta: dict[str, A
     return atomic_dir_write(path, write)
 
 
-def _scheduler_for(schedule) -> DDPMScheduler:
+def scheduler_for(schedule) -> DDPMScheduler:
     from diffdiv.param import VPSchedule
 
     if isinstance(schedule, VPSchedule):

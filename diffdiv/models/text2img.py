@@ -20,6 +20,7 @@ import torch
 from torch import Tensor, nn
 
 from diffdiv.models.base import Denoiser
+from diffdiv.models.hub import read_model_index
 from diffdiv.models.unet import prediction_type_of, schedule_from_scheduler
 from diffdiv.param import x0_from_prediction
 
@@ -497,8 +498,6 @@ def load_text2img(
     which go to the wrapper. Components stored as null (e.g. SD3 without T5) are passed as None.
     """
     import diffusers
-
-    from diffdiv.models.loading import read_model_index
 
     if cls_name not in WRAPPERS:
         raise ValueError(f"unsupported text-to-image pipeline {cls_name!r}")

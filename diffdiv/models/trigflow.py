@@ -21,7 +21,7 @@ from diffdiv.models.base import Denoiser
 from diffdiv.param import (
     Schedule,
     TrigFlowSchedule,
-    _bcast,
+    bcast,
     trigflow_F_from_x0,
     trigflow_input_scale,
     x0_from_trigflow_F,
@@ -100,7 +100,7 @@ class TrigFlowView(nn.Module):
     def to_teacher(self, x: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
         """TrigFlow (x_t, t) -> the wrapped model's (x_tau, tau)."""
         tau, k = self.teacher_time(t)
-        return _bcast(k, x) * x, tau
+        return bcast(k, x) * x, tau
 
     def x0(self, x: Tensor, t: Tensor, cond: Any = None, guidance_scale: float | None = None,
            net: Callable | None = None) -> Tensor:

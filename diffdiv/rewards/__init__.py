@@ -16,7 +16,8 @@ Build one from config with `build_reward({"name": ..., **kwargs})`; `available_r
 """
 
 from diffdiv.rewards.aesthetic import AestheticHead, AestheticReward
-from diffdiv.rewards.base import REWARDS, Reward, available_rewards, build_reward, register_reward
+from diffdiv.rewards.base import REWARDS, Reward, register_reward
+from diffdiv.rewards.build import available_rewards, build_reward
 from diffdiv.rewards.clip import ClipEmbedder, ClipSimilarityReward, clip_preprocess
 from diffdiv.rewards.custom import CallableReward
 from diffdiv.rewards.digits import (

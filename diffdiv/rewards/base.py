@@ -11,7 +11,6 @@ Conventions shared by every reward:
 from __future__ import annotations
 
 import importlib
-import inspect
 import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -124,59 +123,6 @@ def register_reward(name: str) -> Callable[[Callable[..., Reward]], Callable[...
         return fn
 
     return deco
-
-
-def available_rewards() -> list[str]:
-    """Sorted names accepted by `build_reward`."""
-    _load_builtin()
-    return sorted(REWARDS)
-
-
-def _load_builtin() -> None:
-    # importing the modules runs their @register_reward decorators
-    from diffdiv.rewards import aesthetic, clip, custom, digits, identity, jpeg  # noqa: F401
-
-
-def build_reward(spec: dict[str, Any] | str | Reward) -> Reward:
-    """Build a reward from a config mapping `{name: ..., **kwargs}` or a bare name.
-
-    A string containing ':' is shorthand for `{name: callable, target: <string>}`.
-    """
-    _load_builtin()
-    if isinstance(spec, Reward):
-        return spec
-    if isinstance(spec, str):
-        spec = {"name": "callable", "target": spec} if ":" in spec else {"name": spec}
-    if not isinstance(spec, dict):
-        raise ConfigError(f"reward: expected a mapping with a 'name' key or a name, got {spec!r}")
-    if "name" not in spec:
-        raise ConfigError(f"reward: missing 'name' (one of: {', '.join(sorted(REWARDS))})")
-    kwargs = dict(spec)
-    name = kwargs.pop("name")
-    if name not in REWARDS:
-        raise ConfigError(f"unknown reward '{name}' (one of: {', '.join(sorted(REWARDS))})")
-    factory = REWARDS[name]
-    _check_kwargs(factory, kwargs, name)
-    return factory(**kwargs).freeze()
-
-
-def _check_kwargs(factory: Callable[..., Any], kwargs: dict[str, Any], name: str) -> None:
-    sig = inspect.signature(factory)
-    params = sig.parameters
-    if any(p.kind is p.VAR_KEYWORD for p in params.values()):
-        return
-    unknown = sorted(set(kwargs) - set(params))
-    if unknown:
-        raise ConfigError(
-            f"reward '{name}': unknown key '{unknown[0]}' (valid keys: {', '.join(sorted(params))})"
-        )
-    missing = [
-        k
-        for k, p in params.items()
-        if p.default is p.empty and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) and k not in kwargs
-    ]
-    if missing:
-        raise ConfigError(f"reward '{name}': missing required key '{missing[0]}'")
 
 
 def existing_path(value: Any, key: str, reward: str, kind: str = "any") -> Path:

@@ -29,6 +29,7 @@ from torch import Tensor, nn
 from diffdiv.config import ConfigError, check, to_dict
 from diffdiv.models.loading import write_json_atomic
 from diffdiv.trainers import checkpoint as ckpt
+from diffdiv.trainers.conditions import Conditions
 from diffdiv.trainers.networks import (
     Network,
     apply_update,
@@ -150,6 +151,7 @@ class Trainer:
         self.active: set[str] = set()
         self.stateful: dict[str, Any] = {}
         self.stop_signal: int | None = None
+        self.conds: Conditions | None = None  # set by trainers whose models take conditions
 
     # ------------------------------------------------------------------ hooks for methods
     def preflight(self) -> None:
@@ -255,6 +257,19 @@ class Trainer:
 
     def randint(self, high: int, n: int | None = None) -> Tensor:
         return self.local(torch.randint(high, (n or self.cfg.batch_size,), generator=self.rng))
+
+    def draw_cond(self, n: int | None = None) -> tuple[Tensor | None, Any]:
+        """This rank's (choice indices, condition batch) for a global batch of n (None, None if unconditional)."""
+        if self.conds is None or not self.conds.count:
+            return None, None
+        idx = self.randint(self.conds.count, n=n)
+        return idx, self.conds.encode(idx, self.device)
+
+    def eval_cond(self, n: int, start: int = 0) -> Any:
+        """The fixed evaluation conditions of samples start..start+n-1 (choices in turn)."""
+        if self.conds is None or not self.conds.count:
+            return None
+        return self.conds.encode(self.conds.cycle(start, n), self.device)
 
     def all_mean(self, x: Tensor) -> Tensor:
         """Mean of a local tensor over all ranks (differentiable pieces stay local)."""

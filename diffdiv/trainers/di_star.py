@@ -23,8 +23,9 @@ from torch import Tensor
 from diffdiv.config import ConfigError, check
 from diffdiv.divergence import fake_score_loss, pseudo_huber_c
 from diffdiv.methods.di_star import di_star_generator_loss
+from diffdiv.models.lora import LoRAConfig, add_lora, has_lora, merged_copy, save_lora
 from diffdiv.trainers.distill import DistillConfig, DistillTrainer
-from diffdiv.trainers.reward_base import LoRAConfig, RewardMixin, add_lora, has_lora, merged_copy, save_lora
+from diffdiv.trainers.reward_base import RewardMixin
 
 
 @dataclass
@@ -95,15 +96,15 @@ class DIStarTrainer(RewardMixin, DistillTrainer):
         self.build_rewards()
         if cfg.reward_weight > 0:
             self.require_differentiable_reward()
-        self.setup_prompts()
+        self.setup_conditions()
 
     def phases(self, step: int) -> list[str]:
         return ["fake"] * self.cfg.fake_updates + ["gen"]
 
     def _batch(self) -> tuple[Tensor | None, Any, Tensor]:
         n = self.cfg.batch_size
-        idx = self.draw_prompts(n)
-        return idx, self.cond_for(idx), self.randn(*self.sample_shape, n=n)
+        idx, cond = self.draw_cond(n)
+        return idx, cond, self.randn(*self.sample_shape, n=n)
 
     def loss(self, phase: str, micro: int) -> tuple[Tensor, dict[str, float]]:
         cfg = self.cfg

@@ -17,11 +17,13 @@ from torch import Tensor
 
 from diffdiv.config import ConfigError, check
 from diffdiv.data.config import DataConfig, Dataset
+from diffdiv.eval.training import evaluate_model, evaluate_model_steps
 from diffdiv.models.base import Denoiser
 from diffdiv.models.gmm import GaussianMixtureTeacher
 from diffdiv.models.nets import MLPNet, NetDenoiser, OneStepGenerator
 from diffdiv.models.spec import TeacherConfig, build_teacher
 from diffdiv.trainers.base import TrainConfig, Trainer, check_lr
+from diffdiv.trainers.conditions import CondConfig, Conditions
 
 
 @dataclass
@@ -39,21 +41,6 @@ class StudentConfig:
     def validate(self) -> None:
         check(self.hidden > 0 and self.depth > 0, "student.hidden and student.depth must be positive")
         check(self.pretrain_steps >= 0, "student.pretrain_steps must be >= 0")
-
-
-@dataclass
-class CondConfig:
-    """Conditions to distill over: prompts (text-to-image), class labels, or none."""
-
-    prompts: str | None = None  # prompt file, one per line
-    prompt_list: list[str] | None = None
-    num_classes: int = 0  # class-conditional teachers: labels drawn uniformly from [0, num_classes)
-
-    def preflight(self) -> None:
-        if self.prompts:
-            from diffdiv.data.prompts import load_prompts
-
-            load_prompts(self.prompts)
 
 
 @dataclass
@@ -147,7 +134,7 @@ class DistillTrainer(Trainer):
             if self.data is None and getattr(self.teacher, "sample_shape", None) == (1, 8, 8):
                 self.data = Dataset(DataConfig(kind="digits"))
         self.sample_shape = tuple(self.teacher.sample_shape)
-        self._prompt_cache: Any = None
+        self.conds = Conditions(cfg.cond, self.teacher)
 
     def make_student(self) -> Denoiser:
         """A trainable copy of the base denoiser."""
@@ -173,32 +160,6 @@ class DistillTrainer(Trainer):
         view = (-1,) + (1,) * (x0.ndim - 1)
         return a.view(view).to(x0.dtype) * x0 + s.view(view).to(x0.dtype) * eps, eps, a, s
 
-    def sample_cond(self) -> Any:
-        """This rank's conditions for one batch (None for unconditional teachers)."""
-        c = self.cfg.cond
-        if c.prompts or c.prompt_list:
-            prompts = self.all_prompts()
-            idx = self.randint(len(prompts)).cpu()
-            if self._prompt_cache is None:
-                with torch.no_grad():
-                    self._prompt_cache = self.teacher.encode_prompts(prompts)
-            return self._prompt_cache[idx].to(self.device)
-        if c.num_classes > 0:
-            return self.randint(c.num_classes)
-        return None
-
-    def all_prompts(self) -> list[str]:
-        c = self.cfg.cond
-        prompts: list[str] = []
-        if c.prompts:
-            from diffdiv.data.prompts import load_prompts
-
-            prompts += load_prompts(c.prompts)
-        prompts += list(c.prompt_list or [])
-        if not prompts:
-            raise ConfigError("cond: no prompts given")
-        return prompts
-
     def real_batch(self) -> Tensor:
         """This rank's slice of a global batch of real data (for GAN terms)."""
         if self.data is None:
@@ -221,7 +182,6 @@ class DistillTrainer(Trainer):
         """Sample the student (1..k steps) and score it: digits FID or mixture mode stats; writes samples.png."""
         if self.cfg.eval_samples <= 0 or not self.accelerator.is_main_process:
             return {}
-        from diffdiv.trainers.teacher import evaluate_model
 
         out: dict[str, float] = {}
         for k in steps_list:
@@ -234,54 +194,3 @@ class DistillTrainer(Trainer):
                                self.out, tag="teacher")
             out.update({f"teacher_{k}": v for k, v in m.items()})
         return out
-
-    def eval_cond(self, n: int) -> Any:
-        c = self.cfg.cond
-        if c.prompts or c.prompt_list:
-            prompts = self.all_prompts()
-            with torch.no_grad():
-                return self.teacher.encode_prompts([prompts[i % len(prompts)] for i in range(n)])
-        if c.num_classes > 0:
-            return torch.arange(n) % c.num_classes
-        return None
-
-
-def evaluate_model_steps(model: Denoiser, data: Dataset | None, n: int, steps: int, out: Path, kind: str,
-                         tag: str = "", times: list[float] | None = None, cond: Any = None) -> dict[str, float]:
-    """Few-step sample + score (digits FID, mixture stats, or just a grid for other data)."""
-    from diffdiv.sampling import sample
-
-    model.eval()
-    x = sample(model, n, steps, seed=0, kind=kind, times=times, cond=cond)
-    return score_samples(model, x, data, out, tag, title=f"student {steps} step(s)")
-
-
-def score_samples(model: Denoiser, x: Tensor, data: Dataset | None, out: Path, tag: str = "",
-                  title: str = "") -> dict[str, float]:
-    """Metrics of drawn samples against the data (mixture mode stats + MMD, digits FID) and a picture."""
-    from diffdiv.data.images import save_image_grid
-
-    suffix = f"_{tag}" if tag else ""
-    metrics: dict[str, float] = {}
-    if data is not None and data.mixture is not None:
-        from diffdiv.eval.mixture import mmd_rbf, mode_stats
-        from diffdiv.eval.plots import scatter_2d
-
-        st = mode_stats(x, data.mixture)
-        ref = data.all(len(x))
-        metrics.update({f"mmd{suffix}": mmd_rbf(ref[:2000], x[:2000]), f"mode_recall{suffix}": st["recall"],
-                        f"far_fraction{suffix}": st["far_fraction"],
-                        f"max_rel_mass_error{suffix}": st["max_rel_error"]})
-        if x.shape[1] == 2:
-            scatter_2d(x, out / f"samples{suffix}.png", data.mixture.means, ref, title=title)
-        return metrics
-    with torch.no_grad():
-        images = model.decode(x[:64]) if hasattr(model, "decode") else x[:64]
-    save_image_grid(images, out / f"samples{suffix}.png")
-    if data is not None and data.cfg.kind == "digits" and x.shape[1:] == (1, 8, 8):
-        from diffdiv.data.digits import load_digits_tensor
-        from diffdiv.eval.fid import digits_fid
-
-        metrics[f"fid_vs_train{suffix}"] = digits_fid(load_digits_tensor("train"), x)
-        metrics[f"fid_vs_test{suffix}"] = digits_fid(load_digits_tensor("test"), x)
-    return metrics

@@ -143,18 +143,18 @@ class DPOKTrainer(RewardTrainer):
             self.add_network("value", self.value, lr=cfg.lr_value)
 
     def cond_dim(self) -> int:
-        if self.prompt_list is None:
+        if not self.conds.count:
             return 0
-        if self.num_labels:
-            return self.num_labels
-        return int(self.cond_cache.embeds.shape[-1])
+        if self.conds.num_labels:
+            return self.conds.num_labels
+        return int(self.conds.encoded().embeds.shape[-1])
 
     def cond_features(self, idx: Tensor | None) -> Tensor | None:
-        if idx is None or self.prompt_list is None:
+        if idx is None or not self.conds.count:
             return None
-        if self.num_labels:
-            return F.one_hot(idx.long(), self.num_labels).float().to(self.device)
-        return self.cond_for(idx).embeds.float().mean(1)
+        if self.conds.num_labels:
+            return F.one_hot(idx.long(), self.conds.num_labels).float().to(self.device)
+        return self.conds.encode(idx, self.device).embeds.float().mean(1)
 
     def phases(self, step: int) -> list[str]:
         return ["value", "policy"] if self.cfg.value_baseline else ["policy"]
@@ -165,8 +165,7 @@ class DPOKTrainer(RewardTrainer):
         """Sample a round of trajectories with the current policy, score and normalize, push to the buffer."""
         cfg = self.cfg
         n = cfg.sample_batch
-        idx = self.draw_prompts(n)
-        cond = self.cond_for(idx)
+        idx, cond = self.draw_cond(n)
         z = self.initial_noise(n) * self.x_scale
         noises = self.step_noises(n, cfg.steps)
         out = ddim_chain(self.policy_fn(cond, grad=False), z, self.times, self.policy.schedule, cfg.eta, noises,
@@ -174,7 +173,7 @@ class DPOKTrainer(RewardTrainer):
         rewards = self.score(self.reward_fn, self.to_images(out.x), idx).float()
         r_all = self.gather(rewards)
         idx_all = self.gather(idx) if idx is not None else None
-        prompts_all = self.prompts_for(idx_all)
+        prompts_all = self.conds.texts(idx_all)
         if cfg.advantage == "per_prompt" and prompts_all is not None:
             adv_all = self.tracker.update(prompts_all, r_all)
         elif cfg.advantage in ("batch", "per_prompt"):
@@ -204,7 +203,7 @@ class DPOKTrainer(RewardTrainer):
             traj = self.randint(len(self.buffer))
             k = self.randint(T)
             pid = d["prompt"][traj]
-            idx = None if self.prompt_list is None else pid
+            idx = pid if self.conds.count else None
             self._mb = {key: {"x_t": d["states"][traj, k], "x_s": d["states"][traj, k + 1],
                               "old_lp": d["log_probs"][traj, k], "adv": d["adv"][traj], "k": k, "idx": idx}}
         return self._mb[key]
@@ -223,7 +222,7 @@ class DPOKTrainer(RewardTrainer):
             v = self.net("value")(mb["x_t"], (t / self.policy.schedule.t_max).float(), self.cond_features(mb["idx"]))
             loss = F.mse_loss(v, mb["adv"].float())
             return loss, {}
-        cond = self.cond_for(mb["idx"])
+        cond = self.conds.encode(mb["idx"], self.device)
         sch = self.policy.schedule
         a_t, s_t = (v.float() for v in sch.alpha_sigma(t))
         a_s, s_s = (v.float() for v in sch.alpha_sigma(s))

@@ -174,7 +174,7 @@ class FDistillTrainer(DistillTrainer):
     def _probe_cond(self, n: int) -> Any:
         c = self.cfg.cond
         if c.prompts or c.prompt_list:
-            return self.teacher.encode_prompts([self.all_prompts()[0]] * n)
+            return self.teacher.encode_prompts([self.conds.prompts[0]] * n)
         if c.num_classes > 0:
             return torch.zeros(n, dtype=torch.long)
         return None
@@ -281,7 +281,7 @@ class FDistillTrainer(DistillTrainer):
     def critic_step(self) -> tuple[Tensor, dict[str, float]]:
         cfg = self.cfg
         z = self.randn(*self.sample_shape)
-        cond = self.sample_cond()
+        _, cond = self.draw_cond()
         with torch.no_grad():
             x0 = self.generate(z, cond).float()
         t = self.sample_t()
@@ -299,7 +299,7 @@ class FDistillTrainer(DistillTrainer):
     def generator_step(self) -> tuple[Tensor, dict[str, float]]:
         cfg = self.cfg
         z = self.randn(*self.sample_shape)
-        cond = self.sample_cond()
+        _, cond = self.draw_cond()
         x0 = self.generate(z, cond)
         t = self.sample_t()
         x_t, _, a, s = self.noise(x0, t)

@@ -53,8 +53,8 @@ class IPROTrainer(RewardTrainer):
     def loss(self, phase: str, micro: int) -> tuple[Tensor, dict[str, float]]:
         cfg = self.cfg
         n = cfg.batch_size
-        idx = self.draw_prompts(n)
-        cond = self.per_frame(self.cond_for(idx))
+        idx, cond = self.draw_cond(n)
+        cond = self.per_frame(cond)
         z = self.initial_noise(n) * self.x_scale
         noises = self.step_noises(n, cfg.steps) if cfg.eta > 0 else None
         out = ddim_chain(self.policy_fn(cond), z, self.times, self.policy.schedule, cfg.eta, noises,

@@ -37,7 +37,7 @@ from diffdiv.methods.rcm import (
 from diffdiv.models.base import Denoiser
 from diffdiv.models.jvp import JVP_METHODS, jvp
 from diffdiv.models.trigflow import TrigFlowView, trigflow_time_from_sigma
-from diffdiv.param import _bcast, trigflow_F_from_x0
+from diffdiv.param import bcast, trigflow_F_from_x0
 from diffdiv.trainers.base import check_lr
 from diffdiv.trainers.distill import DistillConfig, DistillTrainer
 
@@ -159,7 +159,7 @@ class RCMTrainer(DistillTrainer):
     def trig_noise(self, x0: Tensor, t: Tensor) -> Tensor:
         """x_t = cos t x0 + sin t z, z ~ N(0, sd^2 I)."""
         z = self.randn(*x0.shape[1:]).to(x0.dtype) * self.sd
-        return _bcast(torch.cos(t), x0) * x0 + _bcast(torch.sin(t), x0) * z
+        return bcast(torch.cos(t), x0) * x0 + bcast(torch.sin(t), x0) * z
 
     @torch.no_grad()
     def simulate(self, cond: Any, steps: int) -> tuple[Tensor, Tensor]:
@@ -189,7 +189,7 @@ class RCMTrainer(DistillTrainer):
 
     def critic_loss(self) -> tuple[Tensor, dict[str, float]]:
         """Denoising score matching of the fake score on sg(student samples) (rCM critic step)."""
-        cond = self.sample_cond()
+        _, cond = self.draw_cond()
         x, t_g = self.simulate(cond, self.num_gen_steps())
         with torch.no_grad():
             x0 = self.student_view.x0(x, t_g, cond, 1.0)
@@ -215,12 +215,12 @@ class RCMTrainer(DistillTrainer):
 
         cs = torch.cos(t) * torch.sin(t)
         with torch.autocast(device_type=self.device.type, enabled=False):
-            _, jvp_F = jvp(F_student, (x_t, t), (_bcast(cs, x_t) * dxt_dt, cs), method=cfg.jvp, fd_h=cfg.fd_h)
+            _, jvp_F = jvp(F_student, (x_t, t), (bcast(cs, x_t) * dxt_dt, cs), method=cfg.jvp, fd_h=cfg.fd_h)
         return x_t, t, dxt_dt.float(), jvp_F.float()
 
     def student_loss(self) -> tuple[Tensor, dict[str, float]]:
         cfg, sd = self.cfg, self.sd
-        cond = self.sample_cond()
+        _, cond = self.draw_cond()
         logs: dict[str, float] = {}
         use_scm, use_dmd = cfg.scm_weight > 0, self.dmd_on(self.step)
         xs, ts, conds = [], [], []

@@ -28,30 +28,16 @@ import torch
 from torch import Tensor, nn
 
 from diffdiv.config import ConfigError, check
+from diffdiv.eval.manifold import mean_pairwise_distance, median_mmd2
 from diffdiv.models.base import Denoiser
+from diffdiv.models.lora import LoRAConfig, adapters_disabled, add_lora, has_lora, merged_copy, save_lora
 from diffdiv.trainers.base import TrainConfig, Trainer, check_lr
-from diffdiv.trainers.distill import CondConfig
+from diffdiv.trainers.conditions import CondConfig, Conditions
 from diffdiv.trainers.runtime import rank0_decides
 
 # ----------------------------------------------------------------------------------------------
 # Config sections
 # ----------------------------------------------------------------------------------------------
-
-
-@dataclass
-class LoRAConfig:
-    """LoRA adapters (peft) on the trainable network; the reference is the network without them."""
-
-    enabled: bool = True
-    rank: int = 4
-    alpha: float | None = None  # lora_alpha (scale alpha/rank); default: rank (scale 1)
-    dropout: float = 0.0
-    target_modules: list[str] | None = None  # default: attention projections (+ resnet convs for UNet2DModel)
-
-    def validate(self) -> None:
-        check(self.rank >= 1, f"lora.rank must be >= 1, got {self.rank}")
-        check(self.alpha is None or self.alpha > 0, "lora.alpha must be positive")
-        check(0 <= self.dropout < 1, "lora.dropout must be in [0, 1)")
 
 
 @dataclass
@@ -121,198 +107,8 @@ class RewardTrainConfig(TrainConfig):
 
 
 # ----------------------------------------------------------------------------------------------
-# LoRA helpers (peft)
-# ----------------------------------------------------------------------------------------------
-
-
-def default_lora_targets(net: nn.Module) -> list[str]:
-    """Attention projections; resnet convs too for UNet2DModel; every Linear for an MLP."""
-    names = [n for n, _ in net.named_modules()]
-    attn = [t for t in ("to_q", "to_k", "to_v", "to_out.0") if any(n.endswith(t) for n in names)]
-    if type(net).__name__ == "UNet2DModel":
-        return attn + ["conv1", "conv2"]
-    if attn:
-        return attn
-    linear = [n for n, m in net.named_modules() if isinstance(m, nn.Linear)]
-    if not linear:
-        raise ConfigError(f"lora: no default target modules for {type(net).__name__}; set lora.target_modules")
-    return linear
-
-
-def lora_peft_config(net: nn.Module, cfg: LoRAConfig):
-    from peft import LoraConfig
-
-    targets = list(cfg.target_modules) if cfg.target_modules else default_lora_targets(net)
-    return LoraConfig(r=cfg.rank, lora_alpha=cfg.alpha if cfg.alpha is not None else cfg.rank,
-                      lora_dropout=cfg.dropout, target_modules=targets, init_lora_weights=True)
-
-
-def add_lora(net: nn.Module, cfg: LoRAConfig) -> list[nn.Parameter]:
-    """Inject LoRA adapters into `net` in place; freeze everything else; return the adapter parameters."""
-    from diffusers.loaders.peft import PeftAdapterMixin
-    from peft import inject_adapter_in_model
-
-    config = lora_peft_config(net, cfg)
-    try:
-        if isinstance(net, PeftAdapterMixin):
-            net.add_adapter(config)
-        else:
-            inject_adapter_in_model(config, net)
-            net._diffdiv_lora_config = config
-    except ValueError as e:
-        raise ConfigError(f"lora: cannot add adapters ({e})") from None
-    net.requires_grad_(False)
-    params = [p for n, p in net.named_parameters() if "lora_" in n]
-    if not params:
-        raise ConfigError(f"lora: target_modules {config.target_modules} matched no layer")
-    for p in params:
-        p.requires_grad_(True)
-    return params
-
-
-def lora_config_of(net: nn.Module):
-    cfg = getattr(net, "peft_config", None)
-    if isinstance(cfg, dict) and cfg:
-        return next(iter(cfg.values()))
-    return getattr(net, "_diffdiv_lora_config", None)
-
-
-def has_lora(net: nn.Module) -> bool:
-    from peft.tuners.tuners_utils import BaseTunerLayer
-
-    return any(isinstance(m, BaseTunerLayer) for m in net.modules())
-
-
-@contextlib.contextmanager
-def adapters_disabled(net: nn.Module) -> Iterator[nn.Module]:
-    """The base network: LoRA adapters switched off (requires_grad flags restored afterwards)."""
-    from peft.tuners.tuners_utils import BaseTunerLayer
-
-    layers = [m for m in net.modules() if isinstance(m, BaseTunerLayer)]
-    flags = [(p, p.requires_grad) for p in net.parameters()]
-    for m in layers:
-        m.enable_adapters(False)
-    try:
-        yield net
-    finally:
-        for m in layers:
-            m.enable_adapters(True)
-        for p, f in flags:
-            p.requires_grad_(f)
-
-
-def merge_lora_(net: nn.Module) -> nn.Module:
-    """Merge LoRA weights into the base layers and remove the adapter modules (in place)."""
-    from peft.tuners.tuners_utils import BaseTunerLayer
-
-    for name, module in list(net.named_modules()):
-        if isinstance(module, BaseTunerLayer):
-            module.merge()
-            parent_name, _, child = name.rpartition(".")
-            parent = net.get_submodule(parent_name) if parent_name else net
-            setattr(parent, child, module.get_base_layer())
-    for attr in ("peft_config", "_diffdiv_lora_config"):
-        if hasattr(net, attr):
-            delattr(net, attr)
-    if hasattr(net, "_hf_peft_config_loaded"):
-        net._hf_peft_config_loaded = False
-    return net
-
-
-def merged_copy(model: Denoiser) -> Denoiser:
-    """A copy of a Denoiser with its LoRA merged into plain weights (frozen parts stay shared)."""
-    out = model.clone()
-    merge_lora_(out.trainable)
-    return out
-
-
-def save_lora(model: Denoiser, out_dir: str | Path) -> Path:
-    """LoRA weights: diffusers format for SD-family pipelines, peft format (adapter_model.safetensors) otherwise."""
-    from peft import get_peft_model_state_dict
-
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    net = model.trainable
-    config = lora_config_of(net)
-    state = {k: v.detach().cpu().contiguous() for k, v in get_peft_model_state_dict(net).items()}
-    pipe_name = getattr(model, "pipeline_cls_name", None)
-    if pipe_name is not None:
-        import diffusers
-        from diffusers.utils import convert_state_dict_to_diffusers
-
-        pipe_cls = getattr(diffusers, pipe_name)
-        layers = convert_state_dict_to_diffusers(state)
-        key = model.trainable_name
-        meta = config.to_dict() if config is not None else None
-        if meta is not None:
-            meta = {k: (sorted(v) if isinstance(v, set) else v) for k, v in meta.items()}
-        pipe_cls.save_lora_weights(out, **{f"{key}_lora_layers": layers, f"{key}_lora_adapter_metadata": meta},
-                                   safe_serialization=True)
-    else:
-        from safetensors.torch import save_file
-
-        save_file({f"base_model.model.{k}": v for k, v in state.items()}, str(out / "adapter_model.safetensors"))
-        config.save_pretrained(str(out))
-    return out
-
-
-def load_lora(model: Denoiser, lora_dir: str | Path) -> Denoiser:
-    """Load LoRA weights written by `save_lora` into `model` (in place; adapters stay separate)."""
-    d = Path(lora_dir)
-    if (d / "pytorch_lora_weights.safetensors").is_file():
-        pipe = model.pipeline()
-        pipe.load_lora_weights(str(d))
-        return model
-    from peft import LoraConfig, inject_adapter_in_model, set_peft_model_state_dict
-    from safetensors.torch import load_file
-
-    config = LoraConfig.from_pretrained(str(d))
-    net = model.trainable
-    inject_adapter_in_model(config, net)
-    prefix = "base_model.model."
-    state = {k[len(prefix):] if k.startswith(prefix) else k: v for k, v in
-             load_file(str(d / "adapter_model.safetensors")).items()}
-    res = set_peft_model_state_dict(net, state)
-    if getattr(res, "unexpected_keys", None):
-        raise ConfigError(f"LoRA weights in {d} do not match the model (unexpected keys)")
-    net._diffdiv_lora_config = config
-    return model
-
-
-# ----------------------------------------------------------------------------------------------
 # Small pure helpers
 # ----------------------------------------------------------------------------------------------
-
-
-def mmd2_rbf(x: Tensor, y: Tensor, bandwidth: float | None = None) -> tuple[float, float]:
-    """Unbiased MMD^2 with an RBF kernel exp(-||a-b||^2 / (2 h^2)); h = median distance within y by default.
-
-    Returns (mmd2, h). Inputs are flattened per sample.
-    """
-    x = x.reshape(x.shape[0], -1).double()
-    y = y.reshape(y.shape[0], -1).double()
-    if bandwidth is None:
-        dy = torch.cdist(y, y)
-        iu = torch.triu_indices(len(y), len(y), 1)
-        bandwidth = float(dy[iu[0], iu[1]].median().clamp_min(1e-12))
-    h2 = 2.0 * bandwidth**2
-
-    def k(a: Tensor, b: Tensor) -> Tensor:
-        return torch.exp(-torch.cdist(a, b) ** 2 / h2)
-
-    m, n = len(x), len(y)
-    kxx, kyy, kxy = k(x, x), k(y, y), k(x, y)
-    sxx = (kxx.sum() - kxx.diagonal().sum()) / (m * (m - 1))
-    syy = (kyy.sum() - kyy.diagonal().sum()) / (n * (n - 1))
-    return float(sxx + syy - 2 * kxy.mean()), bandwidth
-
-
-def mean_pairwise_distance(x: Tensor) -> float:
-    """Mean L2 distance between distinct samples (flattened)."""
-    x = x.reshape(x.shape[0], -1).double()
-    d = torch.cdist(x, x)
-    n = len(x)
-    return float(d.sum() / (n * (n - 1)))
 
 
 def input_scale(model: Denoiser, t: float | None = None) -> float:
@@ -331,7 +127,8 @@ class RewardMixin:
     """Prompts, rewards, decoding and the common evaluation of reward fine-tuning trainers.
 
     The host class sets `self.cond_model` (the model whose encoder makes conditions) before
-    calling `setup_prompts()`, and implements `eval_samples_for(which, z, cond, gen)`.
+    calling `setup_conditions()`, and implements `eval_samples_for(which, z, cond, gen)`. Conditions and
+    randomness come from the one Trainer API (`draw_cond`, `randn`).
     """
 
     cfg: Any
@@ -351,49 +148,13 @@ class RewardMixin:
             raise ConfigError(f"{self.name} back-propagates through the reward, but reward "
                               f"'{self.cfg.reward.get('name')}' is not differentiable (use a surrogate)")
 
-    # --- prompts / conditions -------------------------------------------------------------------
-    def setup_prompts(self) -> None:
-        """self.prompt_list (strings or None) and self.cond_cache (encoded, or labels)."""
-        c = self.cfg.cond
-        model = self.cond_model
-        self.prompt_list: list[str] | None = None
-        self.cond_cache: Any = None
-        self.num_labels = 0
-        if c.prompts or c.prompt_list:
-            prompts: list[str] = []
-            if c.prompts:
-                from diffdiv.data.prompts import load_prompts
-
-                prompts += load_prompts(c.prompts)
-            prompts += list(c.prompt_list or [])
-            self.prompt_list = prompts
-            with torch.no_grad():
-                self.cond_cache = model.encode_prompts(prompts)
-        elif c.num_classes > 0:
-            self.num_labels = c.num_classes
-            self.prompt_list = [str(i) for i in range(c.num_classes)]
-        if self.prompt_list is None and getattr(self.reward_fn, "needs_prompts", False):
+    # --- conditions ----------------------------------------------------------------------------
+    def setup_conditions(self) -> None:
+        """self.conds from the `cond` section, encoded by `self.cond_model`; checks the reward's needs."""
+        self.conds = Conditions(self.cfg.cond, self.cond_model)
+        if not self.conds.count and getattr(self.reward_fn, "needs_prompts", False):
             raise ConfigError(f"reward '{self.cfg.reward.get('name')}' needs prompts: set cond.prompts or "
                               "cond.prompt_list (or cond.num_classes)")
-
-    def cond_for(self, idx: Tensor | None) -> Any:
-        """Condition batch for prompt indices (None for unconditional models)."""
-        if idx is None or self.prompt_list is None:
-            return None
-        if self.num_labels:
-            return idx.to(self.device)
-        return self.cond_cache[idx.cpu()].to(self.device)
-
-    def prompts_for(self, idx: Tensor | None) -> list[str] | None:
-        if idx is None or self.prompt_list is None:
-            return None
-        return [self.prompt_list[int(i)] for i in idx]
-
-    def draw_prompts(self, n: int) -> Tensor | None:
-        """This rank's prompt indices for a global batch of n (None when unconditional)."""
-        if self.prompt_list is None:
-            return None
-        return self.randint(len(self.prompt_list), n=n)
 
     def per_frame(self, cond: Any) -> Any:
         """Each sample's condition repeated for its F frames (labels or TextCond)."""
@@ -413,7 +174,7 @@ class RewardMixin:
         return img
 
     def score(self, fn: nn.Module, images: Tensor, idx: Tensor | None) -> Tensor:
-        return fn(images, self.prompts_for(idx))
+        return fn(images, self.conds.texts(idx))
 
     # --- evaluation -------------------------------------------------------------------------------
     def eval_samples_for(self, which: str, z: Tensor, cond: Any, gen: torch.Generator) -> tuple[Tensor, dict]:
@@ -464,16 +225,15 @@ class RewardMixin:
         extra: dict[str, list[float]] = {}
         for start in range(0, cfg.eval_samples, cfg.eval_batch):
             b = min(cfg.eval_batch, cfg.eval_samples - start)
-            idx = None
-            if self.prompt_list is not None:
-                idx = torch.arange(start, start + b) % len(self.prompt_list)
+            idx = self.conds.cycle(start, b)
             for which in ("policy", "reference"):
                 if which == "reference" and start in cache:
                     images, r, er = cache[start]
                 else:
                     gen = torch.Generator().manual_seed(cfg.eval_seed + start)  # same noise for both models
                     z = self.eval_noise(b, gen)
-                    x, metrics = self.eval_samples_for(which, z, self.per_frame(self.cond_for(idx)), gen)
+                    cond = self.per_frame(self.conds.encode(idx, self.device))
+                    x, metrics = self.eval_samples_for(which, z, cond, gen)
                     images = self.to_images(x).float().cpu()
                     r = self.score(self.reward_fn, images.to(self.device), idx).cpu()
                     er = None if self.eval_reward_fn is None else \
@@ -498,7 +258,7 @@ class RewardMixin:
             out[k] = sum(v) / cfg.eval_samples
         xp, xr = torch.cat(imgs["policy"]), torch.cat(imgs["reference"])
         if len(xp) > 1:
-            out["mmd2"], out["mmd_bandwidth"] = mmd2_rbf(xp, xr)
+            out["mmd2"], out["mmd_bandwidth"] = median_mmd2(xp, xr, paired=True)  # same noises: paired
         out["paired_mse"] = float(((xp - xr) ** 2).flatten(1).mean(1).mean())
         if len(xp) > 1:  # < 1: the fine-tuned samples are less diverse than the reference's (collapse)
             out["diversity_ratio"] = mean_pairwise_distance(xp) / max(mean_pairwise_distance(xr), 1e-12)
@@ -561,7 +321,7 @@ class RewardTrainer(RewardMixin, Trainer):
                          params=params)
         self.cond_model = self.policy
         self.build_rewards()
-        self.setup_prompts()
+        self.setup_conditions()
         sch = self.policy.schedule
         from diffdiv.methods.ipro import ddim_times
 

@@ -78,8 +78,8 @@ class ROCMTrainer(RewardTrainer):
     def loss(self, phase: str, micro: int) -> tuple[Tensor, dict[str, float]]:
         cfg = self.cfg
         n = cfg.batch_size
-        idx = self.draw_prompts(n)
-        cond = self.per_frame(self.cond_for(idx))
+        idx, cond = self.draw_cond(n)
+        cond = self.per_frame(cond)
         z = self.initial_noise(n)
         noises = self.step_noises(n, cfg.steps - 1)
         out = self.chain(self.policy_fn(cond), z, noises, self.ref_fn(cond))

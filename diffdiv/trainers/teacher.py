@@ -12,6 +12,7 @@ from torch import Tensor
 
 from diffdiv.config import check
 from diffdiv.data.config import DataConfig, Dataset
+from diffdiv.eval.training import evaluate_model
 from diffdiv.models.base import Denoiser
 from diffdiv.models.nets import MLPNet, NetDenoiser
 from diffdiv.models.spec import ScheduleConfig
@@ -143,14 +144,3 @@ class TeacherTrainer(Trainer):
 
         save_denoiser(self.model, out_dir / "teacher", {"kind": "diffusion", "default_steps": self.cfg.eval_steps,
                                                          "default_sampler": self.cfg.eval_sampler})
-
-
-def evaluate_model(model: Denoiser, data: Dataset, n: int, steps: int, sampler: str, out: Path,
-                   kind: str = "diffusion", tag: str = "") -> dict[str, float]:
-    """Sample, score against the data (digits FID or mixture mode stats/MMD), write samples.png."""
-    from diffdiv.sampling import sample
-    from diffdiv.trainers.distill import score_samples
-
-    model.eval()
-    x = sample(model, n, steps, seed=0, sampler=sampler, kind=kind)
-    return score_samples(model, x, data, out, tag, title=f"{kind} {steps} steps")

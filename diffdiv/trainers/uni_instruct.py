@@ -69,7 +69,7 @@ class UniInstructTrainer(FDistillTrainer):
     def generator_step(self) -> tuple[Tensor, dict[str, float]]:
         cfg = self.cfg
         z = self.randn(*self.sample_shape)
-        cond = self.sample_cond()
+        _, cond = self.draw_cond()
         x0 = self.generate(z, cond)
         t = self.sample_t()
         x_t, _, a, s = self.noise(x0, t)
