@@ -2,7 +2,7 @@
 
 Every schedule maps a model's own time variable `t` to `(alpha_t, sigma_t)` with
 `x_t = alpha_t * x0 + sigma_t * eps`, `eps ~ N(0, I)`. Predictions are derived from the denoiser
-output `x0` (DESIGN.md section 2) by the pure functions below.
+output `x0` (docs/math.md#parameterizations) by the pure functions below.
 """
 
 from __future__ import annotations

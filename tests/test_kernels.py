@@ -30,7 +30,7 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 
 # ----------------------------------------------------------------------------------------------
-# float64 reference (independent of the library: straight from the definition in DESIGN.md 3.1)
+# float64 reference (independent of the library: straight from the definition in docs/math.md#kernel)
 # ----------------------------------------------------------------------------------------------
 
 

@@ -1,4 +1,4 @@
-"""Exactness of every score-difference loss on the analytic case (DESIGN.md section 4).
+"""Exactness of every score-difference loss on the analytic case (docs/math.md#analytic).
 
 Teacher: a 2-D Gaussian mixture (exact p_t, D_p, r). Generator: x0 = A z + b (exact Gaussian q_t, D_q).
 For each loss, the Monte Carlo gradient w.r.t. (A, b) from per-sample losses on a batch that mixes three

@@ -1,4 +1,4 @@
-"""Uni-Instruct math on the analytic case (DESIGN.md section 4): Theorem 3.1 (diffusion expansion) and the
+"""Uni-Instruct math on the analytic case (docs/math.md#analytic): Theorem 3.1 (diffusion expansion) and the
 gradient equivalence of the tractable loss (Theorem 3.2 as derived in diffdiv/methods/uni_instruct.py).
 
 Teacher: 2-D Gaussian mixture (exact p_t, D_p, r). Generator x0 = A z + b (exact Gaussian q_t, D_q). The Monte

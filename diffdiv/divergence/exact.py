@@ -1,4 +1,4 @@
-"""Exact references for the analytic case (DESIGN.md section 4).
+"""Exact references for the analytic case (docs/math.md#analytic).
 
 A generator that is an affine map of Gaussian noise, x0 = A z + b with z ~ N(0, I_k), has an exactly
 Gaussian noised density q_t = N(alpha b, alpha^2 A A^T + sigma^2 I). With a Gaussian-mixture teacher
@@ -101,7 +101,7 @@ def f_divergence_quadrature(mixture: GaussianMixture, A: Tensor, b: Tensor, alph
     x, area = _grid(mixture, mean, cov, alpha, sigma, n_grid, half_width)
     logq = gaussian_log_prob(x, mean, cov)
     logp = mixture.log_prob(x, alpha, sigma)
-    integrand = torch.exp(logq) * f_value(torch.exp(logp - logq), name)  # D_f = E_q[f(p/q)] (DESIGN.md 3.1)
+    integrand = torch.exp(logq) * f_value(torch.exp(logp - logq), name)  # D_f = E_q[f(p/q)] (docs/math.md#f-table)
     return integrand.sum() * area
 
 

@@ -1,8 +1,8 @@
-"""f-divergence table: f(r) and the generator weight h(r) = r^2 f''(r) (DESIGN.md section 3.1).
+"""f-divergence table: f(r) and the generator weight h(r) = r^2 f''(r) (docs/math.md#f-table).
 
 Convention (f-distill, Xu et al. 2025, arXiv 2502.15681, sec. 3): D_f(p||q) = E_q[f(p/q)], r = p/q,
 f convex with f(1) = 0. The generator gradient is E[h(r) (s_q - s_p)^T dx_t/dtheta] with
-h(r) = r^2 f''(r) (the f-distill gradient theorem; derivation in DESIGN.md 3.1). h is returned un-normalized.
+h(r) = r^2 f''(r) (the f-distill gradient theorem; derivation in docs/math.md#core). h is returned un-normalized.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Score-difference losses in denoiser (x0) space, per sample, for any (alpha_t, sigma_t).
 
-Notation (DESIGN.md section 3): x0 = G(z) (carries the generator graph), x_t = alpha x0 + sigma eps,
+Notation (docs/math.md#notation): x0 = G(z) (carries the generator graph), x_t = alpha x0 + sigma eps,
 D_p = teacher denoiser at x_t, D_q = fake-score denoiser at x_t, N = elements per sample.
 Scores: s = (alpha D - x_t)/sigma^2, so s_q - s_p = alpha (D_q - D_p)/sigma^2.
 
@@ -63,7 +63,7 @@ def denoiser_normalizer(x0: Tensor, d_p: Tensor, eps: float = _NORM_EPS) -> Tens
 
 def fdistill_loss(x0: Tensor, d_p: Tensor, d_q: Tensor, h: Tensor | float, normalize: bool = True, *,
                   eps: float = _NORM_EPS, reduction: str = "mean", backend: str = "auto") -> Tensor:
-    """f-distill generator loss (arXiv 2502.15681, DESIGN.md 3.1): 1/2 mean (x0 - sg(x0 - g))^2,
+    """f-distill generator loss (arXiv 2502.15681, docs/math.md#losses): 1/2 mean (x0 - sg(x0 - g))^2,
     g = h (D_q - D_p)/n.
 
     d loss_b / d x0 = g_b / N. With normalize=False and h = f_weight(r) its expected gradient is

@@ -1,7 +1,7 @@
 """DI* (Diff-Instruct*, Luo et al. 2024, arXiv 2410.20898): a one-step generator fine-tuned for a reward
 under a score-based divergence to a frozen CFG-guided reference diffusion model.
 
-Objective (DESIGN.md 3.4): min_theta  -reward_weight E[r(G(z, c), c)] + div_weight D_score(p_G || p_ref),
+Objective (docs/math.md#di-star): min_theta  -reward_weight E[r(G(z, c), c)] + div_weight D_score(p_G || p_ref),
 with the score divergence of SIM (pseudo-Huber distance of score differences, diffdiv.divergence.sim_loss),
 whose tractable loss uses an online fake score D_q trained by denoising score matching on sg(G(z)).
 
@@ -12,7 +12,7 @@ Classifier-free guidance (guidance scale w) enters in one of two ways:
   is its surrogate in the divergence's units: per-sample gradient w.r.t. x0 equal to
   -(w - 1) k (D_c - D_u) / N (k = 1 in "x0" space, alpha/sigma^2 in "score" space, N elements), i.e.
   -(w - 1) / (alpha N) grad_x0 log p_t(c | alpha x0 + sigma eps) in score space. It is weighted like the
-  divergence (div_weight), so "in" and "out" are the same objective up to the nonlinearity of d.
+  divergence (div_weight); "in" and "out" are different objectives (docs/math.md#di-star).
 """
 
 from __future__ import annotations

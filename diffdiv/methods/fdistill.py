@@ -2,7 +2,7 @@
 
 Composes the divergence core (diffdiv.divergence): r from discriminator logits, optional per-noise-level
 normalization, h(r) = r^2 f''(r) normalized by its global batch mean, the score-difference generator loss
-(DESIGN.md 3.1) and the GAN terms. All functions return per-sample losses (B,) in fp32.
+(docs/math.md#fdistill) and the GAN terms. All functions return per-sample losses (B,) in fp32.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Uni-Instruct (Wang et al. 2025, arXiv 2505.20755): the diffusion-expanded f-divergence and its tractable loss.
 
-Notation (DESIGN.md section 3): x_t = alpha x0 + sigma eps, x0 = G_theta(z); p_t teacher, q_t student,
+Notation (docs/math.md#notation): x_t = alpha x0 + sigma eps, x0 = G_theta(z); p_t teacher, q_t student,
 r = p_t/q_t, s = score, u = s_p - s_q = alpha (D_p - D_q)/sigma^2, h(r) = r^2 f''(r) (diffdiv.divergence.fdiv),
 D_f(p||q) = E_q[f(p/q)]. A "unit factor" k turns denoiser differences into the chosen units:
 k = 1 ("x0" space) or k = alpha/sigma^2 ("score" space); u_k = k (D_p - D_q), v_k = k (D_q - x0)

@@ -1,4 +1,4 @@
-"""TrigFlow view of any Denoiser (sCM, arXiv 2410.11081 section 2; DESIGN.md section 2).
+"""TrigFlow view of any Denoiser (sCM, arXiv 2410.11081 section 2; docs/math.md#trigflow).
 
 TrigFlow: `x_t = cos(t) x0 + sin(t) z`, `z ~ N(0, sd^2 I)`, `t in (0, pi/2)`. A teacher with schedule
 (alpha, sigma) at its own time tau has the same signal-to-noise ratio when `tan(t) sd = sigma/alpha`,

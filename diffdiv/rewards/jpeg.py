@@ -8,7 +8,7 @@ Surrogate (differentiable): an estimate of the JPEG entropy-coded size computed 
 sees the image: RGB -> YCbCr (JFIF), chroma 2x2 average (4:2:0, Pillow's default), 8x8 block DCT,
 division by the quality-95 quantization tables, and a smooth bit count per coefficient
 `log2(1 + sqrt(c^2 + delta^2) / q) - log2(1 + delta / q)` summed over coefficients (AC coefficients, plus
-DC differences between horizontally neighbouring blocks, which is how DC is coded). Returned in
+DC differences to the previous block in raster order, which is how DC is coded). Returned in
 "kB" = bits / 8000; it is a monotone proxy of the JPEG size, not a calibrated predictor (see the
 test for its rank correlation with the true size). A total-variation proxy (`kind="tv"`) is also
 provided.

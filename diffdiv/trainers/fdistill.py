@@ -3,7 +3,7 @@
 Networks: "gen" (the student denoiser read as a one-step generator x0 = D(sigma_init z, t_init), with EMA) and
 "critic" (the fake-score denoiser plus discriminator heads, trained together). Update schedule per step:
 `fake_updates` critic phases (DSM of the fake score on sg(G(z)) + logistic discriminator loss) then one
-generator phase (f-weighted score difference, DESIGN.md 3.1, + a small non-saturating GAN term).
+generator phase (f-weighted score difference, docs/math.md#fdistill, + a small non-saturating GAN term).
 The discriminator reads teacher features (default) or fake-score features of noised samples; "real" samples
 are noised data or a pool of teacher samples. Math lives in diffdiv.methods.fdistill.
 """

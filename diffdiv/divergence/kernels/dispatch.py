@@ -102,7 +102,7 @@ def weighted_score_difference(x0: Tensor, d_p: Tensor, d_q: Tensor, h: Tensor | 
                               backend: str = "auto", *, normalize: bool = True, eps: float = 1e-5,
                               return_g: bool = True, g_dtype: torch.dtype | None = None
                               ) -> tuple[Tensor | None, Tensor, Tensor]:
-    """Fused f-distill core -> (g, n, loss) per sample (DESIGN.md 3.1, f-distill arXiv 2502.15681).
+    """Fused f-distill core -> (g, n, loss) per sample (docs/math.md#kernel, f-distill arXiv 2502.15681).
 
     n = sg(max(mean|x0 - D_p|, eps)) (1 if not normalize), g = sg(h (D_q - D_p) / n) shaped like x0
     (None when return_g=False, which saves one pass and one buffer), loss (B,) =

@@ -3,7 +3,7 @@
 Per sample b (rows of length N after flattening):
     n_b    = max(mean_j |x0 - D_p|, eps)          (1 when normalize=False)
     s_b    = h_b / n_b
-    g_b    = s_b (D_q - D_p)                      (DESIGN.md 3.1, f-distill generator direction)
+    g_b    = s_b (D_q - D_p)                      (docs/math.md#kernel, f-distill generator direction)
     loss_b = 1/2 mean_j (x0 - sg(x0 - g))^2 = 1/2 s_b^2 mean_j (D_q - D_p)^2,   d loss_b / d x0 = g_b / N.
 Arithmetic is fp32 for half inputs (float64 stays float64). The arrays are processed in tiles so the
 temporaries stay bounded (256 KiB fp32 each) whatever the size.
