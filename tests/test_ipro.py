@@ -7,8 +7,8 @@ import pytest
 import torch
 from diffusers import DDIMScheduler, DDPMScheduler, UNet2DModel
 
-from diffdiv.methods.ipro import correlated_frame_noise, ddim_chain, ddim_times
 from diffdiv.models.unet import UNetDenoiser
+from diffdiv.sampling import correlated_frame_noise, ddim_chain, ddim_times
 from diffdiv.trainers.reward_base import LoRAConfig, adapters_disabled, add_lora
 
 STEPS = 5

@@ -143,7 +143,7 @@ class DIStarTrainer(RewardMixin, DistillTrainer):
         """Generator samples (one step) vs the teacher's DDIM(ref_steps) CFG samples from t_init; plus a
         score-divergence estimate E_t d(D_p - D_q) at the generator's samples (x0 units, t in [t_lo, t_hi])."""
         if which == "reference":  # deterministic DDIM from the generator's t_init (CFG inside the teacher)
-            from diffdiv.methods.ipro import ddim_chain, ddim_times
+            from diffdiv.sampling import ddim_chain, ddim_times
 
             sch = self.teacher.schedule
             times = ddim_times(self.nets["gen"].module.t_init, sch.t_min, self.cfg.ref_steps)

@@ -38,6 +38,7 @@ from diffdiv.models.base import Denoiser
 from diffdiv.models.jvp import JVP_METHODS, jvp
 from diffdiv.models.trigflow import TrigFlowView, trigflow_time_from_sigma
 from diffdiv.param import _bcast, trigflow_F_from_x0
+from diffdiv.sampling import rcm_simulate
 from diffdiv.trainers.base import check_lr
 from diffdiv.trainers.distill import DistillConfig, DistillTrainer
 
@@ -164,15 +165,10 @@ class RCMTrainer(DistillTrainer):
     @torch.no_grad()
     def simulate(self, cond: Any, steps: int) -> tuple[Tensor, Tensor]:
         """Input (x, t) of the last of `steps` student consistency steps from pure noise at t_max, with
-        random decreasing intermediate times (rCM's simulation for DMD samples)."""
-        n = self.local_batch
-        t = torch.full((n,), self.student_view.t_max, device=self.device)
+        random decreasing intermediate times (rCM's simulation for DMD samples; diffdiv.sampling.rcm_simulate)."""
         x = self.randn(*self.sample_shape) * self.sd * math.sin(self.student_view.t_max)
-        for _ in range(steps - 1):
-            x0 = self.student_view.x0(x, t, cond, 1.0)
-            t = torch.minimum(self.dmd_time(), t)
-            x = self.trig_noise(x0, t)
-        return x, t
+        return rcm_simulate(lambda xx, tt: self.student_view.x0(xx, tt, cond, 1.0), x, self.student_view.t_max, steps,
+                            lambda i: self.dmd_time(), lambda i: self.randn(*self.sample_shape), self.sd)
 
     def num_gen_steps(self) -> int:
         """Global (same on every rank) number of student steps for this batch's samples."""
