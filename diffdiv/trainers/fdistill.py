@@ -18,7 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from diffdiv.config import ConfigError, check
-from diffdiv.divergence import RatioBinNormalizer, parse_divergence
+from diffdiv.divergence import PREDICTION_WEIGHTING, RatioBinNormalizer, parse_divergence
 from diffdiv.methods import fdistill as fd
 from diffdiv.models.base import Denoiser
 from diffdiv.models.heads import DiscriminatorHeads, feature_shapes
@@ -214,7 +214,7 @@ class FDistillTrainer(DistillTrainer):
         if w != "auto":
             return w
         pt = getattr(self.critic.fake, "prediction_type", None)
-        return {"epsilon": "eps", "v_prediction": "v", "flow": "flow", "sample": "x0"}.get(pt, "edm")
+        return PREDICTION_WEIGHTING.get(pt, "edm")
 
     def real_sample(self) -> tuple[Tensor, Any]:
         """This rank's slice of a global batch of "real" samples (model space) and their conditions."""
