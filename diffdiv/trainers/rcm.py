@@ -24,7 +24,7 @@ import torch
 from torch import Tensor
 
 from diffdiv.config import ConfigError, check
-from diffdiv.divergence import fake_score_loss, vsd_loss
+from diffdiv.divergence import vsd_loss
 from diffdiv.methods.rcm import (
     AdaptiveWeight,
     normalize_tangent,
@@ -41,6 +41,7 @@ from diffdiv.param import _bcast, trigflow_F_from_x0
 from diffdiv.sampling import rcm_simulate
 from diffdiv.trainers.base import check_lr
 from diffdiv.trainers.distill import DistillConfig, DistillTrainer
+from diffdiv.trainers.steps import fake_score_step
 
 # rCM's default intermediate sampling times (TrigFlow with sd = 1: 1.3, 1.0, 0.6) as sigma/alpha
 RCM_MID_SIGMAS = (math.tan(1.3), math.tan(1.0), math.tan(0.6))
@@ -189,11 +190,15 @@ class RCMTrainer(DistillTrainer):
         x, t_g = self.simulate(cond, self.num_gen_steps())
         with torch.no_grad():
             x0 = self.student_view.x0(x, t_g, cond, 1.0)
-        t = self.dmd_time()
-        x_t = self.trig_noise(x0, t)
-        d_q = self.fake_view.x0(x_t, t, cond, 1.0, net=self.net("fake"))
-        a, s = torch.cos(t), self.sd * torch.sin(t)
-        per = fake_score_loss(d_q, x0, a, s, self.cfg.fake_weighting, sigma_data=self.sd, reduction="sum")
+
+        def fake(x_t: Tensor, t: Tensor, c: Any) -> Tensor:
+            return self.fake_view.x0(x_t, t, c, 1.0, net=self.net("fake"))
+
+        def noise(x: Tensor, t: Tensor) -> tuple[Tensor, None, Tensor, Tensor]:  # TrigFlow: alpha, sigma = cos, sd sin
+            return self.trig_noise(x, t), None, torch.cos(t), self.sd * torch.sin(t)
+
+        per, _ = fake_score_step(fake, x0, self.dmd_time(), noise, cond, self.cfg.fake_weighting, sigma_data=self.sd,
+                                 reduction="sum")
         return per.mean(), {}
 
     def scm_inputs(self, cond: Any) -> tuple[Tensor, Tensor, Tensor, Tensor]:
