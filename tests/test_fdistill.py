@@ -15,6 +15,7 @@ from diffdiv.divergence import RatioBinNormalizer, f_weight
 from diffdiv.methods import fdistill as fd
 from diffdiv.models.heads import ConvHead, DiscriminatorHeads, VectorHead
 from diffdiv.trainers.fdistill import FDistillConfig, FDistillTrainer
+from diffdiv.trainers.steps import fake_score_step
 from diffdiv.trainers.uni_instruct import UniInstructConfig, UniInstructTrainer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -54,8 +55,12 @@ def test_critic_loss_parts():
     d_q, x0 = torch.randn(4, 3, generator=g), torch.randn(4, 3, generator=g)
     a, s = torch.full((4,), 0.8), torch.full((4,), 0.6)
     lr, lf = torch.randn(4, generator=g), torch.randn(4, generator=g)
-    total, dsm, disc = fd.critic_loss(d_q, x0, a, s, "x0", logits_real=lr, logits_fake=lf, disc_weight=0.5)
-    torch.testing.assert_close(dsm, ((d_q - x0) ** 2).mean(1))
+    dsm, extra = fake_score_step(lambda x_t, t, c: (x_t + d_q, lf, lr), x0, torch.zeros(4),
+                                 lambda x, t: (torch.zeros_like(x), None, a, s), None, "eps")
+    torch.testing.assert_close(dsm, (0.8 / 0.6) ** 2 * ((d_q - x0) ** 2).mean(1))  # w_eps = alpha^2 / sigma^2
+    assert extra[0] is lf and extra[1] is lr
+    total, dsm2, disc = fd.critic_loss(dsm, logits_real=lr, logits_fake=lf, disc_weight=0.5)
+    assert dsm2 is dsm
     torch.testing.assert_close(disc, torch.nn.functional.softplus(-lr) + torch.nn.functional.softplus(lf))
     torch.testing.assert_close(total, dsm + 0.5 * disc)
 
@@ -79,8 +84,7 @@ def test_head_logit_estimates_log_density_ratio():
     for _ in range(800):
         real = 1 + 0.6 * torch.randn(1024, 1, generator=g)
         fake = -0.5 + torch.randn(1024, 1, generator=g)
-        loss = fd.critic_loss(torch.zeros(1, 1), torch.zeros(1, 1), 1.0, 1.0, logits_real=head([real]),
-                              logits_fake=head([fake]))[2].mean()
+        loss = fd.critic_loss(torch.zeros(1), logits_real=head([real]), logits_fake=head([fake]))[2].mean()
         opt.zero_grad()
         loss.backward()
         opt.step()

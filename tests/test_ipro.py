@@ -7,9 +7,9 @@ import pytest
 import torch
 from diffusers import DDIMScheduler, DDPMScheduler, UNet2DModel
 
-from diffdiv.methods.ipro import correlated_frame_noise, ddim_chain, ddim_times
 from diffdiv.models.lora import LoRAConfig, adapters_disabled, add_lora
 from diffdiv.models.unet import UNetDenoiser
+from diffdiv.sampling import correlated_frame_noise, ddim_chain, ddim_times
 
 STEPS = 5
 TIMES = torch.tensor([999.0, 799.0, 599.0, 399.0, 199.0, 0.0], dtype=torch.float64)  # diffusers "trailing"

@@ -122,3 +122,27 @@ def test_flow_schedule_time_scale():
     a, s = f.alpha_sigma(torch.tensor([0.25]))
     assert float(a) == 0.75 and float(s) == 0.25
     assert float(f.model_time(torch.tensor([0.25]))) == 250.0
+
+
+@settings(max_examples=60, deadline=None)
+@given(a=coef, s=coef, sd=st.floats(0.1, 2.0), seed=seeds)
+def test_x0_loss_weight_is_the_squared_error_of_each_prediction_type(a, s, sd, seed):
+    """w ||D - x0||^2 = ||pred(D) - pred(x0)||^2 at the same x_t for every prediction type (the one weight of the
+    teacher's DSM loss and of the fake-score loss); edm: EDM's lambda(sigma) = 1/c_out^2 at sigma = s/a."""
+    from diffdiv.divergence import PREDICTION_WEIGHTING, x0_loss_weight
+
+    assert set(PREDICTION_WEIGHTING) == {"epsilon", "v_prediction", "sample", "flow"}
+    x0, eps = _data(seed)
+    d = x0 + 0.3 * _data(seed + 1)[0]  # a denoiser output
+    a_t = torch.full((4,), a, dtype=torch.float64)
+    s_t = torch.full((4,), s, dtype=torch.float64)
+    x_t = a * x0 + s * eps
+    for kind, weighting in PREDICTION_WEIGHTING.items():
+        err = ((prediction_from_x0(d, kind, x_t, a_t, s_t) - prediction_from_x0(x0, kind, x_t, a_t, s_t)) ** 2).sum(1)
+        torch.testing.assert_close(x0_loss_weight(a_t, s_t, weighting) * ((d - x0) ** 2).sum(1), err)
+    sig = s / a
+    c_out = sig * sd / math.sqrt(sig**2 + sd**2)  # Karras et al. 2022, Table 1
+    torch.testing.assert_close(x0_loss_weight(a_t, s_t, "edm", sd), torch.full((4,), 1 / c_out**2, dtype=torch.float64))
+    # computed in the inputs' dtype (float32 stays float32), float64 for Python numbers
+    assert x0_loss_weight(a_t.float(), s_t.float(), "v").dtype == torch.float32
+    assert x0_loss_weight(a, s, "eps").dtype == torch.float64

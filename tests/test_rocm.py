@@ -9,15 +9,10 @@ import torch
 from scipy import integrate, stats
 
 from diffdiv.divergence.exact import gaussian_kl
-from diffdiv.methods.rocm import (
-    ROCM_DIVERGENCES,
-    consistency_chain,
-    gaussian_step_divergence,
-    step_sq_distance,
-)
+from diffdiv.methods.rocm import ROCM_DIVERGENCES, gaussian_step_divergence, step_sq_distance
 from diffdiv.models.gmm import GaussianMixture, GaussianMixtureTeacher
 from diffdiv.param import VPSchedule
-from diffdiv.sampling import sample_consistency
+from diffdiv.sampling import consistency_chain, sample_consistency
 
 DT = torch.float64
 DS = (0.05, 0.3, 1.0, 2.5, 5.0)

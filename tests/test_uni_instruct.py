@@ -22,10 +22,12 @@ from diffdiv.divergence import exact, f_weight, sid_loss, sim_loss, vsd_loss
 from diffdiv.methods.uni_instruct import (
     expanded_integrand_quadrature,
     expansion_quadrature,
+    time_weight,
     uni_instruct_loss,
     weight_derivatives,
 )
 from diffdiv.models.gmm import GaussianMixture
+from diffdiv.param import FlowSchedule
 
 DT = torch.float64
 MIX = GaussianMixture([[-0.8, 0.3], [0.8, -0.2], [0.1, 0.9]], 0.5, [0.3, 0.3, 0.4])
@@ -181,3 +183,15 @@ def test_di_branch_is_diff_instruct():
     chi = exact_grad("pearson")
     cos = float(di @ chi / (di.norm() * chi.norm()))
     assert cos < 0.99, cos
+
+
+def test_expansion_time_weight_is_theorem_3_1_density():
+    """Rectified flow (alpha = 1 - t, sigma = t): e^lambda/2 |dlambda/dt| = (1-t)^2/(2 t^2) 2/(t (1-t)) = (1-t)/t^3."""
+    t = torch.tensor([0.2, 0.35, 0.5, 0.65, 0.8])
+    exact = (1 - t.double()) / t.double() ** 3
+    w = time_weight(t, FlowSchedule(), "expansion")
+    assert w.dtype == torch.float32
+    torch.testing.assert_close(w.double(), exact / exact.mean(), rtol=1e-5, atol=0)
+    torch.testing.assert_close(time_weight(t, FlowSchedule(), "uniform"), torch.ones(5))
+    with pytest.raises(ValueError, match="time weighting"):
+        time_weight(t, FlowSchedule(), "log")

@@ -3,6 +3,7 @@
 from diffdiv.divergence.fdiv import DIVERGENCES, f_value, f_weight, parse_divergence
 from diffdiv.divergence.kernels import weighted_score_difference
 from diffdiv.divergence.losses import (
+    PREDICTION_WEIGHTING,
     denoiser_normalizer,
     fake_score_loss,
     fdistill_loss,
@@ -24,8 +25,8 @@ from diffdiv.divergence.ratio import (
 __all__ = [
     "DIVERGENCES", "f_value", "f_weight", "parse_divergence",
     "weighted_score_difference",
-    "denoiser_normalizer", "fake_score_loss", "fdistill_loss", "pseudo_huber_c", "sid_loss", "sim_loss",
-    "vsd_loss", "x0_loss_weight",
+    "PREDICTION_WEIGHTING", "denoiser_normalizer", "fake_score_loss", "fdistill_loss", "pseudo_huber_c", "sid_loss",
+    "sim_loss", "vsd_loss", "x0_loss_weight",
     "RatioBinNormalizer", "all_reduce_sum", "discriminator_loss", "gan_generator_loss",
     "normalize_batch_mean", "ratio_from_logits",
 ]

@@ -161,6 +161,14 @@ def sim_loss(x0: Tensor, d_p: Tensor, d_q: Tensor, alpha: Tensor | float, sigma:
 # ----------------------------------------------------------------------------------------------
 
 WEIGHTINGS = ("x0", "eps", "v", "flow", "edm")
+#: the weighting whose x0-space loss equals the squared error of each model prediction type
+PREDICTION_WEIGHTING = {"epsilon": "eps", "v_prediction": "v", "sample": "x0", "flow": "flow"}
+
+
+def _real(v: Tensor | float) -> Tensor:
+    if torch.is_tensor(v):
+        return v.to(torch.promote_types(v.dtype, torch.float32))
+    return torch.as_tensor(v, dtype=torch.float64)
 
 
 def x0_loss_weight(alpha: Tensor | float, sigma: Tensor | float, weighting: str = "x0",
@@ -168,10 +176,11 @@ def x0_loss_weight(alpha: Tensor | float, sigma: Tensor | float, weighting: str 
     """Weight w(t) making w ||D - x0||^2 equal the squared error of the named prediction type.
 
     eps: alpha^2/sigma^2; v: ((alpha^2 + sigma^2)/sigma)^2; flow (u = eps - x0): ((alpha + sigma)/sigma)^2;
-    edm (Karras et al. 2022, Table 1 loss weighting at s = sigma/alpha): (s^2 + sd^2)/(s sd)^2; x0: 1.
+    edm (Karras et al. 2022, Table 1 loss weighting 1/c_out^2 at s = sigma/alpha):
+    (s^2 + sd^2)/(s sd)^2 = (alpha^2 sd^2 + sigma^2)/(sigma sd)^2; x0: 1. Computed in the dtype of
+    alpha and sigma (at least float32; float64 for Python numbers).
     """
-    a = torch.as_tensor(alpha, dtype=torch.float64)
-    s = torch.as_tensor(sigma, dtype=torch.float64)
+    a, s = _real(alpha), _real(sigma)
     if weighting == "x0":
         w = torch.ones_like(a + s)
     elif weighting == "eps":
@@ -181,8 +190,7 @@ def x0_loss_weight(alpha: Tensor | float, sigma: Tensor | float, weighting: str 
     elif weighting == "flow":
         w = ((a + s) / s) ** 2
     elif weighting == "edm":
-        se = s / a
-        w = (se**2 + sigma_data**2) / (se * sigma_data) ** 2
+        w = (a**2 * sigma_data**2 + s**2) / (s * sigma_data) ** 2
     else:
         raise ValueError(f"unknown weighting {weighting!r}; valid: {', '.join(WEIGHTINGS)}")
     return w
@@ -196,6 +204,7 @@ def fake_score_loss(d_q: Tensor, x0_target: Tensor, alpha: Tensor | float, sigma
     ("eps", "v" or "flow" here), SiD uses "edm". Its minimizer is D_q = E_q[x0 | x_t].
     """
     dq, x = _f32(d_q), _f32(x0_target.detach())
-    w = x0_loss_weight(alpha, sigma, weighting, sigma_data).to(device=dq.device, dtype=dq.dtype)
+    a, s = torch.as_tensor(alpha, dtype=torch.float64), torch.as_tensor(sigma, dtype=torch.float64)
+    w = x0_loss_weight(a, s, weighting, sigma_data).to(device=dq.device, dtype=dq.dtype)
     w = w.expand(dq.shape[0]) if w.ndim == 0 else w.reshape(-1)
     return _reduce(w * ((dq - x) ** 2).sum(1), dq.shape[1], reduction)

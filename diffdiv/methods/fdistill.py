@@ -14,7 +14,6 @@ from diffdiv.divergence import (
     RatioBinNormalizer,
     discriminator_loss,
     f_weight,
-    fake_score_loss,
     fdistill_loss,
     gan_generator_loss,
     normalize_batch_mean,
@@ -57,15 +56,14 @@ def generator_loss(x0: Tensor, d_p: Tensor, d_q: Tensor, h: Tensor | float, norm
     return dist + gan_weight * gan, dist, gan
 
 
-def critic_loss(d_q: Tensor, x0_fake: Tensor, alpha: Tensor, sigma: Tensor, weighting: str = "x0",
-                sigma_data: float = 0.5, logits_real: Tensor | None = None, logits_fake: Tensor | None = None,
+def critic_loss(dsm: Tensor, logits_real: Tensor | None = None, logits_fake: Tensor | None = None,
                 disc_weight: float = 1.0) -> tuple[Tensor, Tensor, Tensor]:
-    """Per-sample critic loss -> (total, fake-score DSM part, discriminator part).
+    """Per-sample critic loss from its fake-score DSM part -> (total, DSM part, discriminator part).
 
-    DSM of the fake score on sg(G(z)) (its minimizer is E_q[x0|x_t]) plus the logistic discriminator loss
-    softplus(-l_real) + softplus(l_fake) (its optimal logit is log p_t/q_t).
+    dsm: the fake score's denoising loss on sg(G(z)) (diffdiv.divergence.fake_score_loss; its minimizer is
+    E_q[x0|x_t]); the discriminator part is the logistic loss softplus(-l_real) + softplus(l_fake) (its
+    optimal logit is log p_t/q_t).
     """
-    dsm = fake_score_loss(d_q, x0_fake.detach(), alpha, sigma, weighting, sigma_data=sigma_data)
     if logits_real is not None and logits_fake is not None and disc_weight > 0:
         disc = discriminator_loss(logits_real, logits_fake)
     else:

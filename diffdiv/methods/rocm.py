@@ -8,14 +8,14 @@ N(alpha_{i+1} f_ref(x_i), sigma_{i+1}^2 I). Equal-variance Gaussians reduce to 1
 so every f-divergence is a function of d = alpha ||f_theta - f_ref|| / sigma (norm over all elements), and
 d^2 = exp(logsnr_{i+1}) ||f_theta - f_ref||^2. The last step has no next noise level: it is compared
 after re-noising to log-SNR `final_logsnr` (default 2, the last re-noise level of default_times), or
-skipped when final_logsnr is None. Everything is reparameterized: gradients flow through the whole chain.
+skipped when final_logsnr is None. Everything is reparameterized: gradients flow through the whole chain
+(the chain is `diffdiv.sampling.consistency_chain`; this module holds the step divergences and the loss).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable
 
 import torch
 from torch import Tensor
@@ -75,57 +75,6 @@ def step_sq_distance(f_theta: Tensor, f_ref: Tensor, logsnr_next: Tensor | float
     diff = (f_theta.float() - f_ref.float()).reshape(f_theta.shape[0], -1)
     lam = torch.as_tensor(logsnr_next, dtype=diff.dtype, device=diff.device)
     return torch.exp(lam) * (diff * diff).sum(1)
-
-
-@dataclass
-class ConsistencyChainOut:
-    x0: Tensor  # output of the last step
-    div: Tensor  # (B,) sum over regularized steps of the chosen divergence
-    d2_steps: list[Tensor] = field(default_factory=list)
-    kl: Tensor | None = None  # (B,) the summed KL of the same steps (for reporting)
-
-
-def consistency_chain(denoise: Callable[[Tensor, Tensor], Tensor], noise: Tensor, times: Sequence[float],
-                      schedule, noises: Sequence[Tensor] | None = None,
-                      ref_denoise: Callable[[Tensor, Tensor], Tensor] | None = None, divergence: str = "kl",
-                      final_logsnr: float | None = 2.0, ref_grad: bool = True) -> ConsistencyChainOut:
-    """Few-step consistency chain (reparameterized) with the per-step f-divergence to a reference.
-
-    noises[i] re-noises step i's output to times[i + 1]. ref_grad: the reference is evaluated with
-    gradients w.r.t. its input state (its weights stay frozen), so the divergence's gradient includes
-    how the visited states move with theta.
-    """
-    n = noise.shape[0]
-    view = (-1,) + (1,) * (noise.ndim - 1)
-    t = torch.full((n,), float(times[0]), device=noise.device)
-    _, s = schedule.alpha_sigma(t)
-    x = s.view(view).to(noise.dtype) * noise
-    div = torch.zeros(n, device=noise.device)
-    kl = torch.zeros(n, device=noise.device)
-    d2s: list[Tensor] = []
-    f = x
-    for i in range(len(times)):
-        t = torch.full((n,), float(times[i]), device=noise.device)
-        f = denoise(x, t)
-        last = i == len(times) - 1
-        if ref_denoise is not None and not (last and final_logsnr is None):
-            with torch.set_grad_enabled(ref_grad and torch.is_grad_enabled()):
-                f_ref = ref_denoise(x if ref_grad else x.detach(), t)
-            if last:
-                lam = torch.tensor(float(final_logsnr), device=noise.device)
-            else:
-                lam = schedule.logsnr(torch.full((n,), float(times[i + 1]), device=noise.device)).float()
-            d2 = step_sq_distance(f, f_ref.detach() if not ref_grad else f_ref, lam)
-            d2s.append(d2)
-            div = div + gaussian_step_divergence(divergence, d2)
-            kl = kl + kl_equal_var(d2.detach())
-        if not last:
-            tn = torch.full((n,), float(times[i + 1]), device=noise.device)
-            a_n, s_n = schedule.alpha_sigma(tn)
-            if noises is None:
-                raise ValueError("a multi-step consistency chain needs noises")
-            x = a_n.view(view).to(f.dtype) * f + s_n.view(view).to(f.dtype) * noises[i]
-    return ConsistencyChainOut(x0=f, div=div, d2_steps=d2s, kl=kl)
 
 
 def rocm_loss(rewards: Tensor, div: Tensor, reward_weight: float, div_weight: float) -> tuple[Tensor, dict[str, float]]:

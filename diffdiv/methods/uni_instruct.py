@@ -153,6 +153,27 @@ def expansion_weight(alpha: Tensor, sigma: Tensor) -> Tensor:
     return alpha**2 / (2 * sigma**2)
 
 
+TIME_WEIGHTINGS = ("uniform", "expansion")
+
+
+# Theorem 3.1: D_f = int (e^lambda / 2) F dlambda, i.e. weight e^lambda/2 |dlambda/dt| per unit model time
+def time_weight(t: Tensor, schedule, weighting: str = "expansion", rel_dt: float = 1e-3) -> Tensor:
+    """Per-sample weight over noise levels (B,) fp32: 1 ("uniform"), or e^lambda/2 |dlambda/dt| ("expansion")
+    normalized to batch mean 1 (scale-free), dlambda/dt by central differences of half-width
+    rel_dt (t_max - t_min), clamped to the schedule's range."""
+    if weighting == "uniform":
+        return torch.ones_like(t, dtype=torch.float32)
+    if weighting != "expansion":
+        raise ValueError(f"unknown time weighting {weighting!r}; valid: {', '.join(TIME_WEIGHTINGS)}")
+    dt = rel_dt * (schedule.t_max - schedule.t_min)
+    tt = t.detach().double()
+    lo, hi = (tt - dt).clamp(min=schedule.t_min), (tt + dt).clamp(max=schedule.t_max)
+    dlam = (schedule.logsnr(hi) - schedule.logsnr(lo)).abs() / (hi - lo)
+    a, s = schedule.alpha_sigma(tt)
+    w = expansion_weight(a, s) * dlam
+    return (w / w.mean().clamp_min(1e-12)).float()
+
+
 # ----------------------------------------------------------------------------------------------
 # Exact references on the analytic case (2-D mixture teacher, affine generator x0 = A z + b)
 # ----------------------------------------------------------------------------------------------

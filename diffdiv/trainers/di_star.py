@@ -21,11 +21,12 @@ import torch
 from torch import Tensor
 
 from diffdiv.config import ConfigError, check
-from diffdiv.divergence import fake_score_loss, pseudo_huber_c
+from diffdiv.divergence import pseudo_huber_c
 from diffdiv.methods.di_star import di_star_generator_loss
 from diffdiv.models.lora import LoRAConfig, add_lora, has_lora, merged_copy, save_lora
 from diffdiv.trainers.distill import DistillConfig, DistillTrainer
 from diffdiv.trainers.reward_base import RewardMixin
+from diffdiv.trainers.steps import fake_score_step
 
 
 @dataclass
@@ -112,10 +113,8 @@ class DIStarTrainer(RewardMixin, DistillTrainer):
         if phase == "fake":
             with torch.no_grad():
                 x0 = self.nets["gen"].module(z, cond)
-            t = self.sample_t()
-            x_t, _, a, s = self.noise(x0, t)
-            d_q = self.net("fake")(x_t, t, cond)
-            return fake_score_loss(d_q, x0, a, s, cfg.fake_weighting).mean(), {}
+            per, _ = fake_score_step(self.net("fake"), x0, self.sample_t(), self.noise, cond, cfg.fake_weighting)
+            return per.mean(), {}
         x0 = self.net("gen")(z, cond)
         if cfg.reward_weight > 0:
             rewards = self.score(self.reward_fn, self.to_images(x0), idx)
@@ -143,7 +142,7 @@ class DIStarTrainer(RewardMixin, DistillTrainer):
         """Generator samples (one step) vs the teacher's DDIM(ref_steps) CFG samples from t_init; plus a
         score-divergence estimate E_t d(D_p - D_q) at the generator's samples (x0 units, t in [t_lo, t_hi])."""
         if which == "reference":  # deterministic DDIM from the generator's t_init (CFG inside the teacher)
-            from diffdiv.methods.ipro import ddim_chain, ddim_times
+            from diffdiv.sampling import ddim_chain, ddim_times
 
             sch = self.teacher.schedule
             times = ddim_times(self.nets["gen"].module.t_init, sch.t_min, self.cfg.ref_steps)

@@ -34,8 +34,8 @@ from diffdiv.methods.dpok import (
     normalize_by_group,
     step_kl_from_x0,
 )
-from diffdiv.methods.ipro import ddim_chain
 from diffdiv.models.nets import fourier_embedding
+from diffdiv.sampling import ddim_chain
 from diffdiv.trainers.base import check_lr
 from diffdiv.trainers.reward_base import RewardTrainConfig, RewardTrainer
 

@@ -18,11 +18,12 @@ import torch
 from torch import Tensor, nn
 
 from diffdiv.config import ConfigError, check
-from diffdiv.divergence import RatioBinNormalizer, parse_divergence
+from diffdiv.divergence import PREDICTION_WEIGHTING, RatioBinNormalizer, parse_divergence
 from diffdiv.methods import fdistill as fd
 from diffdiv.models.base import Denoiser
 from diffdiv.models.heads import DiscriminatorHeads, feature_shapes
 from diffdiv.trainers.distill import DistillConfig, DistillTrainer
+from diffdiv.trainers.steps import fake_score_step
 
 
 @dataclass
@@ -214,7 +215,7 @@ class FDistillTrainer(DistillTrainer):
         if w != "auto":
             return w
         pt = getattr(self.critic.fake, "prediction_type", None)
-        return {"epsilon": "eps", "v_prediction": "v", "flow": "flow", "sample": "x0"}.get(pt, "edm")
+        return PREDICTION_WEIGHTING.get(pt, "edm")
 
     def real_sample(self) -> tuple[Tensor, Any]:
         """This rank's slice of a global batch of "real" samples (model space) and their conditions."""
@@ -278,6 +279,11 @@ class FDistillTrainer(DistillTrainer):
             return self.critic_step()
         return self.generator_step()
 
+    def critic_forward(self, x_t: Tensor, t: Tensor, cond: Any) -> tuple[Tensor, Tensor | None, Tensor | None]:
+        """(D_q(x_t), logits on fake, logits on real) from one critic forward (discriminator inputs drawn here)."""
+        disc = self.discriminator_inputs(x_t, t, cond) if self.critic.heads is not None else None
+        return self.net("critic")(x_t, t, cond, disc)
+
     def critic_step(self) -> tuple[Tensor, dict[str, float]]:
         cfg = self.cfg
         z = self.randn(*self.sample_shape)
@@ -285,11 +291,9 @@ class FDistillTrainer(DistillTrainer):
         with torch.no_grad():
             x0 = self.generate(z, cond).float()
         t = self.sample_t()
-        x_t, _, a, s = self.noise(x0, t)
-        disc = self.discriminator_inputs(x_t, t, cond) if self.critic.heads is not None else None
-        d_q, l_fake, l_real = self.net("critic")(x_t, t, cond, disc)
-        total, dsm, dl = fd.critic_loss(d_q, x0, a, s, self.fake_weighting(), getattr(self.base, "sigma_data", 0.5),
-                                        l_real, l_fake, cfg.gan.disc_weight)
+        dsm, (l_fake, l_real) = fake_score_step(self.critic_forward, x0, t, self.noise, cond, self.fake_weighting(),
+                                                sigma_data=getattr(self.base, "sigma_data", 0.5))
+        total, dsm, dl = fd.critic_loss(dsm, l_real, l_fake, cfg.gan.disc_weight)
         logs = {"dsm": float(dsm.detach().mean())}
         if l_fake is not None:
             logs.update(disc=float(dl.detach().mean()), logit_real=float(l_real.detach().float().mean()),

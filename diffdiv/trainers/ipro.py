@@ -18,7 +18,8 @@ from typing import Any
 from torch import Tensor
 
 from diffdiv.config import check
-from diffdiv.methods.ipro import ddim_chain, ipro_loss
+from diffdiv.methods.ipro import ipro_loss
+from diffdiv.sampling import ddim_chain
 from diffdiv.trainers.reward_base import RewardTrainConfig, RewardTrainer
 
 

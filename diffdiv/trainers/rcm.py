@@ -24,7 +24,7 @@ import torch
 from torch import Tensor
 
 from diffdiv.config import ConfigError, check
-from diffdiv.divergence import fake_score_loss, vsd_loss
+from diffdiv.divergence import vsd_loss
 from diffdiv.methods.rcm import (
     AdaptiveWeight,
     normalize_tangent,
@@ -38,8 +38,10 @@ from diffdiv.models.base import Denoiser
 from diffdiv.models.jvp import JVP_METHODS, jvp
 from diffdiv.models.trigflow import TrigFlowView, trigflow_time_from_sigma
 from diffdiv.param import bcast, trigflow_F_from_x0
+from diffdiv.sampling import rcm_simulate
 from diffdiv.trainers.base import check_lr
 from diffdiv.trainers.distill import DistillConfig, DistillTrainer
+from diffdiv.trainers.steps import fake_score_step
 
 # rCM's default intermediate sampling times (TrigFlow with sd = 1: 1.3, 1.0, 0.6) as sigma/alpha
 RCM_MID_SIGMAS = (math.tan(1.3), math.tan(1.0), math.tan(0.6))
@@ -164,15 +166,10 @@ class RCMTrainer(DistillTrainer):
     @torch.no_grad()
     def simulate(self, cond: Any, steps: int) -> tuple[Tensor, Tensor]:
         """Input (x, t) of the last of `steps` student consistency steps from pure noise at t_max, with
-        random decreasing intermediate times (rCM's simulation for DMD samples)."""
-        n = self.local_batch
-        t = torch.full((n,), self.student_view.t_max, device=self.device)
+        random decreasing intermediate times (rCM's simulation for DMD samples; diffdiv.sampling.rcm_simulate)."""
         x = self.randn(*self.sample_shape) * self.sd * math.sin(self.student_view.t_max)
-        for _ in range(steps - 1):
-            x0 = self.student_view.x0(x, t, cond, 1.0)
-            t = torch.minimum(self.dmd_time(), t)
-            x = self.trig_noise(x0, t)
-        return x, t
+        return rcm_simulate(lambda xx, tt: self.student_view.x0(xx, tt, cond, 1.0), x, self.student_view.t_max, steps,
+                            lambda i: self.dmd_time(), lambda i: self.randn(*self.sample_shape), self.sd)
 
     def num_gen_steps(self) -> int:
         """Global (same on every rank) number of student steps for this batch's samples."""
@@ -193,11 +190,15 @@ class RCMTrainer(DistillTrainer):
         x, t_g = self.simulate(cond, self.num_gen_steps())
         with torch.no_grad():
             x0 = self.student_view.x0(x, t_g, cond, 1.0)
-        t = self.dmd_time()
-        x_t = self.trig_noise(x0, t)
-        d_q = self.fake_view.x0(x_t, t, cond, 1.0, net=self.net("fake"))
-        a, s = torch.cos(t), self.sd * torch.sin(t)
-        per = fake_score_loss(d_q, x0, a, s, self.cfg.fake_weighting, sigma_data=self.sd, reduction="sum")
+
+        def fake(x_t: Tensor, t: Tensor, c: Any) -> Tensor:
+            return self.fake_view.x0(x_t, t, c, 1.0, net=self.net("fake"))
+
+        def noise(x: Tensor, t: Tensor) -> tuple[Tensor, None, Tensor, Tensor]:  # TrigFlow: alpha, sigma = cos, sd sin
+            return self.trig_noise(x, t), None, torch.cos(t), self.sd * torch.sin(t)
+
+        per, _ = fake_score_step(fake, x0, self.dmd_time(), noise, cond, self.cfg.fake_weighting, sigma_data=self.sd,
+                                 reduction="sum")
         return per.mean(), {}
 
     def scm_inputs(self, cond: Any) -> tuple[Tensor, Tensor, Tensor, Tensor]:

@@ -188,7 +188,7 @@ class RewardMixin:
             return torch.randn(n, *shape, generator=gen).to(self.device)
         shared = torch.randn(n, *shape, generator=gen)
         per = torch.randn(n, f, *shape, generator=gen)
-        from diffdiv.methods.ipro import correlated_frame_noise
+        from diffdiv.sampling import correlated_frame_noise
 
         return correlated_frame_noise(shared, per, self.cfg.frame_noise_corr).reshape(n * f, *shape).to(self.device)
 
@@ -323,7 +323,7 @@ class RewardTrainer(RewardMixin, Trainer):
         self.build_rewards()
         self.setup_conditions()
         sch = self.policy.schedule
-        from diffdiv.methods.ipro import ddim_times
+        from diffdiv.sampling import ddim_times
 
         t_start = sch.t_max if cfg.t_start is None else cfg.t_start
         if not sch.t_min < t_start <= sch.t_max:
@@ -369,7 +369,7 @@ class RewardTrainer(RewardMixin, Trainer):
         f = self.cfg.frames
         if not f:
             return self.randn(*self.sample_shape, n=n)
-        from diffdiv.methods.ipro import correlated_frame_noise
+        from diffdiv.sampling import correlated_frame_noise
 
         shared = self.randn(*self.sample_shape, n=n)
         per = self.randn(f, *self.sample_shape, n=n)
@@ -398,7 +398,7 @@ class RewardTrainer(RewardMixin, Trainer):
     def eval_samples_for(self, which: str, z: Tensor, cond: Any, gen: torch.Generator) -> tuple[Tensor, dict]:
         """DDIM(eta) samples; for the policy also the exact path KL (sum of per-step KLs, nats) of the
         DDIM(eval_eta) chain against the reference along the policy's own trajectories."""
-        from diffdiv.methods.ipro import ddim_chain
+        from diffdiv.sampling import ddim_chain
 
         cfg = self.cfg
         sch = self.policy.schedule

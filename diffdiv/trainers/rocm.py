@@ -19,7 +19,8 @@ import torch
 from torch import Tensor
 
 from diffdiv.config import ConfigError, check
-from diffdiv.methods.rocm import consistency_chain, rocm_loss
+from diffdiv.methods.rocm import rocm_loss
+from diffdiv.sampling import consistency_chain
 from diffdiv.trainers.reward_base import RewardTrainConfig, RewardTrainer
 
 

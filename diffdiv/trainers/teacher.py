@@ -12,6 +12,7 @@ from torch import Tensor
 
 from diffdiv.config import check
 from diffdiv.data.config import DataConfig, Dataset
+from diffdiv.divergence import PREDICTION_WEIGHTING, x0_loss_weight
 from diffdiv.eval.training import evaluate_model
 from diffdiv.models.base import Denoiser
 from diffdiv.models.nets import MLPNet, NetDenoiser
@@ -62,17 +63,6 @@ class TeacherTrainConfig(TrainConfig):
             down = 2 ** (len(self.model.block_out_channels) - 1)
             check(self.data.image_size % down == 0,
                   f"data.image_size {self.data.image_size} is not divisible by the UNet's downsampling factor {down}")
-
-
-def dsm_weight(prediction_type: str, a: Tensor, s: Tensor, sigma_data: float = 1.0) -> Tensor:
-    # x0-space weight that makes ||x0_hat - x0||^2 equal the usual loss in each prediction space
-    if prediction_type == "epsilon":
-        return (a / s) ** 2  # eps = (x_t - a x0)/s
-    if prediction_type == "v_prediction":
-        return ((a**2 + s**2) / s) ** 2  # dv = -(a^2 + s^2)/s dx0
-    if prediction_type == "edm":
-        return (a**2 * sigma_data**2 + s**2) / (s * sigma_data) ** 2  # EDM lambda = 1/c_out^2
-    return torch.ones_like(a)
 
 
 def build_teacher_model(cfg: TeacherTrainConfig, sample_shape: tuple[int, ...], sigma_data: float) -> Denoiser:
@@ -126,10 +116,10 @@ class TeacherTrainer(Trainer):
         view = (-1,) + (1,) * (x0.ndim - 1)
         x_t = a.view(view) * x0 + s.view(view) * eps
         x0_hat = self.net("model")(x_t, t)
-        kind = "edm" if isinstance(self.model, NetDenoiser) else cfg.prediction_type
-        w = dsm_weight(kind, a, s, getattr(self.model, "sigma_data", 1.0))
+        weighting = "edm" if isinstance(self.model, NetDenoiser) else PREDICTION_WEIGHTING[cfg.prediction_type]
+        w = x0_loss_weight(a, s, weighting, getattr(self.model, "sigma_data", 1.0))
         per = ((x0_hat.float() - x0.float()) ** 2).flatten(1).mean(1) * w
-        if kind == "epsilon":
+        if weighting == "eps":
             per = per.clamp(max=1e4)  # t ~ 0: the eps target is pure noise of the data quantization
         return per.mean(), {}
 

@@ -53,19 +53,6 @@ class UniInstructTrainer(FDistillTrainer):
     name = "uni_instruct"
     method_name = "uni_instruct"
 
-    def time_weight(self, t: Tensor) -> Tensor:
-        """Per-sample weight over noise levels: 1, or Theorem 3.1's e^lambda/2 |dlambda/dt| (x0-space integrand)."""
-        if self.cfg.time_weighting == "uniform":
-            return torch.ones_like(t, dtype=torch.float32)
-        sch = self.teacher.schedule
-        dt = 1e-3 * (sch.t_max - sch.t_min)
-        tt = t.detach().double()
-        lo, hi = (tt - dt).clamp(min=sch.t_min), (tt + dt).clamp(max=sch.t_max)
-        dlam = (sch.logsnr(hi) - sch.logsnr(lo)).abs() / (hi - lo)
-        a, s = sch.alpha_sigma(tt)
-        w = ui.expansion_weight(a, s) * dlam
-        return (w / w.mean().clamp_min(1e-12)).float()  # scale-free: mean weight 1 in the batch
-
     def generator_step(self) -> tuple[Tensor, dict[str, float]]:
         cfg = self.cfg
         z = self.randn(*self.sample_shape)
@@ -90,7 +77,7 @@ class UniInstructTrainer(FDistillTrainer):
             per = sid_loss(x0, d_p, d_q, cfg.sid_alpha, normalize=cfg.normalize)
         else:
             per = sim_loss(x0, d_p, d_q, a, s, cfg.sim_distance, cfg.sim_c, space=cfg.space, normalize=cfg.normalize)
-        per = per * self.time_weight(t).to(per.device)
+        per = per * ui.time_weight(t, self.teacher.schedule, cfg.time_weighting).to(per.device)
         gan = gan_generator_loss(logits) if logits is not None and cfg.gan.gen_weight > 0 else torch.zeros_like(per)
         total = per + cfg.gan.gen_weight * gan
         integrand = ui.expanded_integrand(d_p, d_q, r, cfg.divergence, a, s, cfg.space)
