@@ -210,13 +210,13 @@ def test_ipro_video_frames_identity_pool(tiny_sd, tmp_path):
                         "batch_size=2", "steps=2", "grad_steps=1", "frames=3", "frame_noise_corr=0.5",
                         f"reward={reward}", "eval_reward=null", "eval_samples=2", "eval_batch=2")
     seen = {}
-    orig = tr.reward_fn.forward
+    orig = tr.rewards.fn.forward
 
     def spy(images, prompts=None, **kw):
         seen["shape"] = tuple(images.shape)
         return orig(images, prompts, **kw)
 
-    tr.reward_fn.forward = spy
+    tr.rewards.fn.forward = spy
     loss, parts = tr.loss("policy", 0)
     assert seen["shape"] == (2, 3, 3, 32, 32)
     assert torch.isfinite(loss) and -1.0 <= parts["reward"] <= 1.0

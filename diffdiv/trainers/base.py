@@ -46,6 +46,7 @@ from diffdiv.trainers.runtime import (
     make_accelerator,
     mean_over_ranks,
     progress_bar,
+    rank0_decides,
     stop_signals,
 )
 
@@ -78,6 +79,8 @@ class TrainConfig:
     cpu: bool = False
     deterministic: bool = False
     overwrite: bool = False  # allow writing into an output_dir that holds another run's results
+    max_train_time_s: float = 0.0  # > 0: stop after this much training time (evaluation excluded), >= 1 step
+    eval_every_s: float = 0.0  # > 0: evaluate every this much training time, from step 0
 
     def validate(self) -> None:
         check(self.max_steps >= 0, f"max_steps must be >= 0, got {self.max_steps}")
@@ -90,6 +93,7 @@ class TrainConfig:
         check(self.log_every > 0, "log_every must be > 0")
         check(self.max_nonfinite >= 1, "max_nonfinite must be >= 1")
         check(bool(self.output_dir), "output_dir must not be empty")
+        check(self.max_train_time_s >= 0 and self.eval_every_s >= 0, "max_train_time_s and eval_every_s must be >= 0")
 
 
 def check_lr(name: str, lr: float) -> None:
@@ -151,6 +155,7 @@ class Trainer:
         self.active: set[str] = set()
         self.stateful: dict[str, Any] = {}
         self.stop_signal: int | None = None
+        self.last_timed_eval: float | None = None
         self.conds: Conditions | None = None  # set by trainers whose models take conditions
 
     # ------------------------------------------------------------------ hooks for methods
@@ -170,8 +175,12 @@ class Trainer:
         raise NotImplementedError
 
     def should_stop(self) -> bool:
-        """Checked before every step on every rank (must agree across ranks): True ends training early."""
-        return False
+        """Checked before every step on every rank (must agree across ranks): True ends training early.
+        Default: the wall-clock budget `max_train_time_s` is spent (after at least one step; rank 0's clock)."""
+        budget = self.cfg.max_train_time_s
+        if not budget or self.step == 0:
+            return False
+        return rank0_decides(self.clock.train_seconds() >= budget, self.world, self.device)
 
     def evaluate(self) -> dict[str, float]:
         return {}
@@ -459,6 +468,14 @@ class Trainer:
             bar.set_postfix({k.split("/")[-1]: f"{v:.3g}" for k, v in logs.items() if k.endswith("/loss")},
                             refresh=False)
 
+    def timed_evaluation(self) -> None:
+        """Evaluate every `eval_every_s` of training time, from step 0 (excluded from the training clock)."""
+        every = self.cfg.eval_every_s
+        if every and (self.last_timed_eval is None or self.clock.train_seconds() - self.last_timed_eval >= every):
+            self.last_timed_eval = self.clock.train_seconds()
+            with self.clock.excluded():
+                self.evaluate()
+
     def periodic(self) -> None:
         """Evaluation (excluded from the training clock) and checkpoints due at this step."""
         cfg, step = self.cfg, self.state.step
@@ -490,7 +507,10 @@ class Trainer:
         self.clock.start()
         try:
             with stop_signals(self.request_stop):
-                while self.state.step < cfg.max_steps and not self.should_stop():
+                while self.state.step < cfg.max_steps:
+                    self.timed_evaluation()
+                    if self.should_stop():
+                        break
                     logs = self.train_step()
                     self.record(logs, bar)
                     if bar is not None:

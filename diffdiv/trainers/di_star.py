@@ -25,12 +25,12 @@ from diffdiv.divergence import pseudo_huber_c
 from diffdiv.methods.di_star import di_star_generator_loss
 from diffdiv.models.lora import LoRAConfig, add_lora, has_lora, merged_copy, save_lora
 from diffdiv.trainers.distill import DistillConfig, DistillTrainer
-from diffdiv.trainers.reward_base import RewardMixin
+from diffdiv.trainers.rewarding import RewardFields, RewardKit
 from diffdiv.trainers.steps import fake_score_step
 
 
 @dataclass
-class DIStarConfig(DistillConfig):
+class DIStarConfig(DistillConfig, RewardFields):
     """DI*: reward + score-divergence fine-tuning of a one-step generator distilled from a CFG teacher."""
 
     output_dir: str = "runs/di_star"
@@ -39,39 +39,34 @@ class DIStarConfig(DistillConfig):
     checkpoint_every: int = 100
     log_every: int = 5
     reward: dict[str, Any] = field(default_factory=lambda: {"name": "jpeg_compressibility_surrogate"})
-    eval_reward: dict[str, Any] | None = None
-    reward_weight: float = 1.0
     div_weight: float = 1.0  # weight of the score divergence (0 = reward only)
+    lora: LoRAConfig = field(default_factory=lambda: LoRAConfig(enabled=False))  # generator adapters
+    eval_samples: int = 64  # (DistillConfig's default is 2000)
     cfg_mode: Literal["in", "out"] = "in"
     distance: Literal["pseudo_huber", "l2"] = "pseudo_huber"
     huber_c: float | None = None  # pseudo-Huber c in the units of y (default 0.00054 sqrt(N))
     space: Literal["x0", "score"] = "x0"
     normalize: bool = False  # divide the SIM loss by sg(mean |x0 - D_p|)
     fake_weighting: Literal["x0", "eps", "v", "flow", "edm"] = "x0"
-    lora: LoRAConfig = field(default_factory=lambda: LoRAConfig(enabled=False))  # generator adapters
-    frames: int = 0  # images only (kept for the shared evaluation)
-    frame_noise_corr: float = 0.0
-    eval_samples: int = 64
-    eval_batch: int = 32
-    eval_seed: int = 12345
     ref_steps: int = 25  # DDIM steps of the reference (teacher) samples in evaluation
-    max_train_time_s: float = 0.0  # > 0: stop after this much training time (evaluation excluded)
-    eval_every_s: float = 0.0  # > 0: evaluate (eval_history.json) every this much training time, from step 0
 
     def validate(self) -> None:
         super().validate()
-        check(self.reward_weight >= 0 and self.div_weight >= 0, "reward_weight and div_weight must be >= 0")
+        self.validate_reward()
         check(self.frames == 0, "DI* works on images: frames must be 0")
         check(self.huber_c is None or self.huber_c > 0, "huber_c must be > 0")
-        check(self.ref_steps >= 1 and self.eval_batch > 0, "ref_steps >= 1 and eval_batch > 0 required")
-        check(isinstance(self.reward, dict) and "name" in self.reward, "reward: a mapping with a 'name' key")
+        check(self.ref_steps >= 1, "ref_steps must be >= 1")
 
 
-class DIStarTrainer(RewardMixin, DistillTrainer):
+class DIStarTrainer(DistillTrainer):
     """DI*: one-step generator + fake score; reward plus pseudo-Huber score divergence to a CFG teacher."""
 
     config_cls = DIStarConfig
     name = "di_star"
+
+    def preflight(self) -> None:
+        super().preflight()
+        self.cfg.preflight_reward()
 
     def build(self) -> None:
         cfg = self.cfg
@@ -93,11 +88,9 @@ class DIStarTrainer(RewardMixin, DistillTrainer):
         fake = self.make_student()
         fake.guidance_scale = 1.0
         self.add_network("fake", fake, lr=cfg.lr_fake, betas=tuple(cfg.betas))
-        self.cond_model = self.teacher
-        self.build_rewards()
+        self.rewards = RewardKit(cfg, self.teacher, self.conds, self.add_frozen)
         if cfg.reward_weight > 0:
-            self.require_differentiable_reward()
-        self.setup_conditions()
+            self.rewards.require_differentiable(self.name)
 
     def phases(self, step: int) -> list[str]:
         return ["fake"] * self.cfg.fake_updates + ["gen"]
@@ -117,10 +110,10 @@ class DIStarTrainer(RewardMixin, DistillTrainer):
             return per.mean(), {}
         x0 = self.net("gen")(z, cond)
         if cfg.reward_weight > 0:
-            rewards = self.score(self.reward_fn, self.to_images(x0), idx)
+            rewards = self.rewards.score(x0, idx)
         else:
             with torch.no_grad():
-                rewards = self.score(self.reward_fn, self.to_images(x0.detach()), idx)
+                rewards = self.rewards.score(x0.detach(), idx)
         t = self.sample_t()
         x_t, _, a, s = self.noise(x0, t)
         d_q = self.nets["fake"].module(x_t, t, cond)
@@ -136,7 +129,10 @@ class DIStarTrainer(RewardMixin, DistillTrainer):
 
     # --- evaluation / export ----------------------------------------------------------------------
     def evaluate(self) -> dict[str, float]:
-        return self.evaluate_rewards()
+        if not self.accelerator.is_main_process:
+            return {}
+        return self.rewards.evaluate(self.eval_samples_for, self.out, self.step, self.clock.train_seconds(),
+                                     self.device)
 
     def eval_samples_for(self, which: str, z: Tensor, cond: Any, gen: torch.Generator) -> tuple[Tensor, dict]:
         """Generator samples (one step) vs the teacher's DDIM(ref_steps) CFG samples from t_init; plus a

@@ -170,7 +170,7 @@ class DPOKTrainer(RewardTrainer):
         noises = self.step_noises(n, cfg.steps)
         out = ddim_chain(self.policy_fn(cond, grad=False), z, self.times, self.policy.schedule, cfg.eta, noises,
                          record=True, reduce=cfg.reduce)
-        rewards = self.score(self.reward_fn, self.to_images(out.x), idx).float()
+        rewards = self.rewards.score(out.x, idx).float()
         r_all = self.gather(rewards)
         idx_all = self.gather(idx) if idx is not None else None
         prompts_all = self.conds.texts(idx_all)

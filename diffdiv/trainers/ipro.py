@@ -49,19 +49,19 @@ class IPROTrainer(RewardTrainer):
     name = "ipro"
 
     def build_method(self) -> None:
-        self.require_differentiable_reward()
+        self.rewards.require_differentiable(self.name)
 
     def loss(self, phase: str, micro: int) -> tuple[Tensor, dict[str, float]]:
         cfg = self.cfg
         n = cfg.batch_size
         idx, cond = self.draw_cond(n)
-        cond = self.per_frame(cond)
+        cond = self.rewards.per_frame(cond)
         z = self.initial_noise(n) * self.x_scale
         noises = self.step_noises(n, cfg.steps) if cfg.eta > 0 else None
         out = ddim_chain(self.policy_fn(cond), z, self.times, self.policy.schedule, cfg.eta, noises,
                          grad_steps=cfg.grad_steps, ref_denoise=self.ref_fn(cond), kl_eta=cfg.kl_eta,
                          kl_on="grad", reduce=cfg.reduce, checkpoint=cfg.grad_checkpointing,
                          ref_grad=cfg.ref_grad)
-        rewards = self.score(self.reward_fn, self.to_images(out.x), idx)
+        rewards = self.rewards.score(out.x, idx)
         loss, parts = ipro_loss(rewards, self.per_sample(out.kl), cfg.reward_weight, cfg.div_weight)
         return loss, parts

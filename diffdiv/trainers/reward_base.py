@@ -1,39 +1,32 @@
-"""Shared parts of the reward fine-tuning trainers (DPOK, IPRO, ROCM; DI* reuses the mixin).
+"""Shared parts of the reward fine-tuning trainers (DPOK, IPRO, ROCM): policy, reference, chain evaluation, export.
 
 - Policy: the pretrained Denoiser with LoRA (peft) on its trainable network; the frozen reference is the
   same network with the adapters disabled (no second copy), or a frozen clone when LoRA is off.
-- Prompts are encoded once and cached; a batch draws prompt indices from the shared generator.
-- Rewards come from `diffdiv.rewards.build_reward` (`reward`, and optionally `eval_reward`, e.g. the true
-  JPEG size when training on the differentiable surrogate).
-- Video-shaped samples: `frames: F` samples F frames per sample from the per-frame image model
-  ((B*F, ...) through the model, (B, F, C, H, W) to the reward).
+- Conditions (`trainers/conditions.py`) and rewards, decoding, evaluation (`trainers/rewarding.py`) are
+  composed in, shared with DI*.
 - Export: LoRA weights in the diffusers format (`pipe.load_lora_weights(dir)`) for SD-family pipelines,
   in the peft format (`PeftModel.from_pretrained(net, dir)`) otherwise, plus the merged model as a
   diffusers pipeline folder (`load_denoiser(dir)` / `<Pipeline>.from_pretrained(dir)`).
-- Evaluation: reward of the fine-tuned and of the reference model on the same noise and prompts, MMD^2
-  between their images, and the method's own divergence (e.g. the summed per-step KL of the chain).
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
-import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from diffdiv.config import ConfigError, check
-from diffdiv.eval.manifold import mean_pairwise_distance, median_mmd2
 from diffdiv.models.base import Denoiser
-from diffdiv.models.lora import LoRAConfig, adapters_disabled, add_lora, has_lora, merged_copy, save_lora
+from diffdiv.models.lora import adapters_disabled, add_lora, has_lora, merged_copy, save_lora
 from diffdiv.trainers.base import TrainConfig, Trainer, check_lr
 from diffdiv.trainers.conditions import CondConfig, Conditions
-from diffdiv.trainers.runtime import rank0_decides
+from diffdiv.trainers.rewarding import RewardFields, RewardKit
 
 # ----------------------------------------------------------------------------------------------
 # Config sections
@@ -62,8 +55,8 @@ class PolicyModelConfig:
 
 
 @dataclass
-class RewardTrainConfig(TrainConfig):
-    """Options shared by DPOK, IPRO and ROCM."""
+class RewardTrainConfig(TrainConfig, RewardFields):
+    """Options shared by DPOK, IPRO and ROCM (reward fields: `diffdiv.trainers.rewarding.RewardFields`)."""
 
     batch_size: int = 8
     max_steps: int = 200
@@ -71,39 +64,23 @@ class RewardTrainConfig(TrainConfig):
     log_every: int = 5
     model: PolicyModelConfig = field(default_factory=PolicyModelConfig)
     cond: CondConfig = field(default_factory=CondConfig)
-    reward: dict[str, Any] = field(default_factory=lambda: {"name": "jpeg_compressibility"})
-    eval_reward: dict[str, Any] | None = None  # also reported (e.g. the true reward behind a surrogate)
-    lora: LoRAConfig = field(default_factory=LoRAConfig)
     lr: float = 3e-4
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
     weight_decay: float = 0.0
-    reward_weight: float = 1.0  # alpha: weight of the reward term
-    div_weight: float = 0.01  # beta: weight of the divergence regularizer (0 = unregularized)
     steps: int = 10  # sampling steps of the chain
     eta: float = 1.0  # DDIM eta of the sampler (DDIM chains)
     t_start: float | None = None  # first model time of the DDIM chain (default: the schedule's t_max); for
     # schedules whose alpha(t_max) ~ 0 (squaredcos_cap_v2: 5e-5) start lower, e.g. 990, or x0 = (x - s eps)/a explodes
     reduce: Literal["mean", "sum"] = "mean"  # log-probs / KL per sample: mean or sum over elements
-    frames: int = 0  # > 0: video-shaped samples (B, F, C, H, W) from the per-frame image model
-    frame_noise_corr: float = 0.0  # correlation of the frames' initial noise
-    eval_samples: int = 64
-    eval_batch: int = 32
-    eval_seed: int = 12345
     eval_eta: float = 1.0  # DDIM eta of the chain whose per-step KL is reported
-    max_train_time_s: float = 0.0  # > 0: stop after this much training time (evaluation excluded)
-    eval_every_s: float = 0.0  # > 0: evaluate (eval_history.json) every this much training time, from step 0
 
     def validate(self) -> None:
         super().validate()
+        self.validate_reward()
         check_lr("lr", self.lr)
         check(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), "betas must be two numbers in [0, 1)")
-        check(self.reward_weight >= 0 and self.div_weight >= 0, "reward_weight and div_weight must be >= 0")
         check(self.steps >= 1, f"steps must be >= 1, got {self.steps}")
         check(self.eta >= 0 and self.eval_eta >= 0, "eta and eval_eta must be >= 0")
-        check(self.frames >= 0, "frames must be >= 0")
-        check(0 <= self.frame_noise_corr < 1, "frame_noise_corr must be in [0, 1)")
-        check(self.eval_samples >= 0 and self.eval_batch > 0, "eval_samples >= 0 and eval_batch > 0 required")
-        check(isinstance(self.reward, dict) and "name" in self.reward, "reward: a mapping with a 'name' key")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -119,166 +96,11 @@ def input_scale(model: Denoiser, t: float | None = None) -> float:
 
 
 # ----------------------------------------------------------------------------------------------
-# The mixin shared with DI* (which derives from DistillTrainer)
-# ----------------------------------------------------------------------------------------------
-
-
-class RewardMixin:
-    """Prompts, rewards, decoding and the common evaluation of reward fine-tuning trainers.
-
-    The host class sets `self.cond_model` (the model whose encoder makes conditions) before
-    calling `setup_conditions()`, and implements `eval_samples_for(which, z, cond, gen)`. Conditions and
-    randomness come from the one Trainer API (`draw_cond`, `randn`).
-    """
-
-    cfg: Any
-    rng: torch.Generator
-
-    # --- rewards --------------------------------------------------------------------------------
-    def build_rewards(self) -> None:
-        from diffdiv.rewards import build_reward
-
-        self.reward_fn = self.add_frozen("reward", build_reward(dict(self.cfg.reward)))
-        self.eval_reward_fn = None
-        if self.cfg.eval_reward:
-            self.eval_reward_fn = self.add_frozen("eval_reward", build_reward(dict(self.cfg.eval_reward)))
-
-    def require_differentiable_reward(self) -> None:
-        if not getattr(self.reward_fn, "differentiable", False):
-            raise ConfigError(f"{self.name} back-propagates through the reward, but reward "
-                              f"'{self.cfg.reward.get('name')}' is not differentiable (use a surrogate)")
-
-    # --- conditions ----------------------------------------------------------------------------
-    def setup_conditions(self) -> None:
-        """self.conds from the `cond` section, encoded by `self.cond_model`; checks the reward's needs."""
-        self.conds = Conditions(self.cfg.cond, self.cond_model)
-        if not self.conds.count and getattr(self.reward_fn, "needs_prompts", False):
-            raise ConfigError(f"reward '{self.cfg.reward.get('name')}' needs prompts: set cond.prompts or "
-                              "cond.prompt_list (or cond.num_classes)")
-
-    def per_frame(self, cond: Any) -> Any:
-        """Each sample's condition repeated for its F frames (labels or TextCond)."""
-        f = self.cfg.frames
-        return cond if cond is None or not f else cond.repeat_interleave(f)
-
-    # --- decoding and rewards ---------------------------------------------------------------------
-    def to_images(self, x: Tensor) -> Tensor:
-        """Model-space samples -> images in (nominally) [-1, 1]; (B*F, ...) -> (B, F, C, H, W) with frames."""
-        model = self.cond_model
-        lead = x.shape[:-3] if x.ndim > 4 else x.shape[:1]
-        flat = x.reshape(-1, *x.shape[-3:]) if x.ndim >= 4 else x
-        img = model.decode(flat) if hasattr(model, "decode") else flat
-        img = img.reshape(*lead, *img.shape[1:]) if x.ndim > 4 else img
-        if self.cfg.frames:
-            img = img.reshape(-1, self.cfg.frames, *img.shape[1:])
-        return img
-
-    def score(self, fn: nn.Module, images: Tensor, idx: Tensor | None) -> Tensor:
-        return fn(images, self.conds.texts(idx))
-
-    # --- evaluation -------------------------------------------------------------------------------
-    def eval_samples_for(self, which: str, z: Tensor, cond: Any, gen: torch.Generator) -> tuple[Tensor, dict]:
-        """Samples of the fine-tuned ('policy') or reference model from noise z; plus metrics."""
-        raise NotImplementedError
-
-    def eval_noise(self, n: int, gen: torch.Generator) -> Tensor:
-        shape = tuple(self.cond_model.sample_shape)
-        f = self.cfg.frames
-        if not f:
-            return torch.randn(n, *shape, generator=gen).to(self.device)
-        shared = torch.randn(n, *shape, generator=gen)
-        per = torch.randn(n, f, *shape, generator=gen)
-        from diffdiv.sampling import correlated_frame_noise
-
-        return correlated_frame_noise(shared, per, self.cfg.frame_noise_corr).reshape(n * f, *shape).to(self.device)
-
-    # --- wall-clock budget and evaluation history ---------------------------------------------------
-    def should_stop(self) -> bool:
-        """Evaluate every `eval_every_s` of training time (from step 0); stop once `max_train_time_s` of
-        training time (evaluation excluded) is spent, after at least one step. Rank 0's clock decides."""
-        every = getattr(self.cfg, "eval_every_s", 0.0)
-        last = getattr(self, "last_timed_eval", None)
-        if every and (last is None or self.clock.train_seconds() - last >= every):
-            self.last_timed_eval = self.clock.train_seconds()
-            with self.clock.excluded():
-                self.evaluate()
-        budget = getattr(self.cfg, "max_train_time_s", 0.0)
-        if not budget or self.step == 0:
-            return False
-        return rank0_decides(self.clock.train_seconds() >= budget, self.world, self.device)
-
-    @torch.no_grad()
-    def evaluate_rewards(self) -> dict[str, float]:
-        """Reward of fine-tuned vs reference (same noise/prompts), MMD^2 of their images, method metrics.
-
-        Also appended (with step and training time) to `eval_history.json` in the output folder.
-        """
-        cfg = self.cfg
-        if cfg.eval_samples <= 0 or not self.accelerator.is_main_process:
-            return {}
-        from diffdiv.data.images import save_image_grid
-
-        train_time = self.clock.train_seconds()
-        cache: dict[int, tuple] = self.__dict__.setdefault("_ref_cache", {})  # the reference never changes
-        sums: dict[str, list[Tensor]] = {}
-        imgs: dict[str, list[Tensor]] = {"policy": [], "reference": []}
-        extra: dict[str, list[float]] = {}
-        for start in range(0, cfg.eval_samples, cfg.eval_batch):
-            b = min(cfg.eval_batch, cfg.eval_samples - start)
-            idx = self.conds.cycle(start, b)
-            for which in ("policy", "reference"):
-                if which == "reference" and start in cache:
-                    images, r, er = cache[start]
-                else:
-                    gen = torch.Generator().manual_seed(cfg.eval_seed + start)  # same noise for both models
-                    z = self.eval_noise(b, gen)
-                    cond = self.per_frame(self.conds.encode(idx, self.device))
-                    x, metrics = self.eval_samples_for(which, z, cond, gen)
-                    images = self.to_images(x).float().cpu()
-                    r = self.score(self.reward_fn, images.to(self.device), idx).cpu()
-                    er = None if self.eval_reward_fn is None else \
-                        self.score(self.eval_reward_fn, images.to(self.device), idx).cpu()
-                    for k, v in metrics.items():
-                        extra.setdefault(k, []).append(float(v) * b)
-                    if which == "reference":
-                        cache[start] = (images, r, er)
-                imgs[which].append(images)
-                sums.setdefault(f"reward_{which}", []).append(r)
-                if er is not None:
-                    sums.setdefault(f"eval_reward_{which}", []).append(er)
-        out: dict[str, float] = {}
-        for k, v in sums.items():
-            t = torch.cat(v).double()
-            out[k] = float(t.mean())
-            out[f"{k}_sem"] = float(t.std() / math.sqrt(len(t))) if len(t) > 1 else 0.0
-        out["reward_gain"] = out["reward_policy"] - out["reward_reference"]
-        if "eval_reward_policy" in out:
-            out["eval_reward_gain"] = out["eval_reward_policy"] - out["eval_reward_reference"]
-        for k, v in extra.items():
-            out[k] = sum(v) / cfg.eval_samples
-        xp, xr = torch.cat(imgs["policy"]), torch.cat(imgs["reference"])
-        if len(xp) > 1:
-            out["mmd2"], out["mmd_bandwidth"] = median_mmd2(xp, xr, paired=True)  # same noises: paired
-        out["paired_mse"] = float(((xp - xr) ** 2).flatten(1).mean(1).mean())
-        if len(xp) > 1:  # < 1: the fine-tuned samples are less diverse than the reference's (collapse)
-            out["diversity_ratio"] = mean_pairwise_distance(xp) / max(mean_pairwise_distance(xr), 1e-12)
-        grid = lambda x: x.reshape(-1, *x.shape[-3:])[:64].clamp(-1, 1)  # noqa: E731
-        save_image_grid(grid(xp), self.out / "samples.png")
-        save_image_grid(grid(xr), self.out / "samples_reference.png")
-        hist = self.__dict__.setdefault("eval_history", [])
-        hist.append({"step": self.step, "train_time_s": train_time, **out})
-        from diffdiv.models.loading import write_json_atomic
-
-        write_json_atomic(self.out / "eval_history.json", hist)
-        return out
-
-
-# ----------------------------------------------------------------------------------------------
 # Base trainer for DPOK / IPRO / ROCM
 # ----------------------------------------------------------------------------------------------
 
 
-class RewardTrainer(RewardMixin, Trainer):
+class RewardTrainer(Trainer):
     """Base of DPOK / IPRO / ROCM: LoRA policy on a pretrained Denoiser, frozen reference, rewards, export."""
 
     config_cls = RewardTrainConfig
@@ -288,13 +110,7 @@ class RewardTrainer(RewardMixin, Trainer):
     def preflight(self) -> None:
         self.cfg.model.preflight()
         self.cfg.cond.preflight()
-        from diffdiv.rewards import available_rewards
-
-        for key in ("reward", "eval_reward"):
-            spec = getattr(self.cfg, key)
-            if spec and spec.get("name") not in available_rewards():
-                raise ConfigError(f"{key}: unknown reward '{spec.get('name')}' "
-                                  f"(one of: {', '.join(available_rewards())})")
+        self.cfg.preflight_reward()
 
     # --- building ---------------------------------------------------------------------------------
     def load_model(self) -> Denoiser:
@@ -319,9 +135,8 @@ class RewardTrainer(RewardMixin, Trainer):
             params = [p for p in self.policy.trainable.parameters()]
         self.add_network("policy", self.policy, lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay,
                          params=params)
-        self.cond_model = self.policy
-        self.build_rewards()
-        self.setup_conditions()
+        self.conds = Conditions(cfg.cond, self.policy)
+        self.rewards = RewardKit(cfg, self.policy, self.conds, self.add_frozen)
         sch = self.policy.schedule
         from diffdiv.sampling import ddim_times
 
@@ -393,7 +208,10 @@ class RewardTrainer(RewardMixin, Trainer):
 
     # --- evaluation / export ----------------------------------------------------------------------
     def evaluate(self) -> dict[str, float]:
-        return self.evaluate_rewards()
+        if not self.accelerator.is_main_process:
+            return {}
+        return self.rewards.evaluate(self.eval_samples_for, self.out, self.step, self.clock.train_seconds(),
+                                     self.device)
 
     def eval_samples_for(self, which: str, z: Tensor, cond: Any, gen: torch.Generator) -> tuple[Tensor, dict]:
         """DDIM(eta) samples; for the policy also the exact path KL (sum of per-step KLs, nats) of the

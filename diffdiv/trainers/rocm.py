@@ -51,7 +51,7 @@ class ROCMTrainer(RewardTrainer):
     export_kind = "consistency"
 
     def build_method(self) -> None:
-        self.require_differentiable_reward()
+        self.rewards.require_differentiable(self.name)
         from diffdiv.models.loading import read_meta
         from diffdiv.sampling import default_times
 
@@ -80,11 +80,11 @@ class ROCMTrainer(RewardTrainer):
         cfg = self.cfg
         n = cfg.batch_size
         idx, cond = self.draw_cond(n)
-        cond = self.per_frame(cond)
+        cond = self.rewards.per_frame(cond)
         z = self.initial_noise(n)
         noises = self.step_noises(n, cfg.steps - 1)
         out = self.chain(self.policy_fn(cond), z, noises, self.ref_fn(cond))
-        rewards = self.score(self.reward_fn, self.to_images(out.x0), idx)
+        rewards = self.rewards.score(out.x0, idx)
         loss, parts = rocm_loss(rewards, self.per_sample(out.div), cfg.reward_weight, cfg.div_weight)
         parts["kl"] = float(out.kl.mean())
         return loss, parts
