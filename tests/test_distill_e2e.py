@@ -42,7 +42,7 @@ def test_tiny_sd_fdistill_end_to_end(tiny_sd, tmp_path):
     out = tmp_path / "one"
     p = _run([sys.executable, "train/fdistill.py", "--config", "configs/tiny_sd_fdistill_js.yaml",
               f"teacher.path={tiny_sd}", f"output_dir={out}", *QUIET])
-    assert "| steps" in p.stdout and "final_gen_loss" in p.stdout  # the metrics table
+    assert "| steps" in p.stdout and "final_student_loss" in p.stdout  # the metrics table
     for name in ("student", "checkpoints", "metrics.json", "samples.png"):
         assert (out / name).exists(), name
     m = json.loads((out / "metrics.json").read_text())
@@ -126,7 +126,7 @@ def test_flow_matching_transformer_teacher(tmp_path):
     cfg = load_config(UniInstructConfig, ROOT / "configs/tiny_sd_fdistill_js.yaml",
                       ov + [f"output_dir={tmp_path / 'ui'}", "method=uni_instruct", "divergence=fkl"])
     m = UniInstructTrainer(cfg).train()
-    assert m["nonfinite_total"] == 0 and 0 < m["final_gen_r_mean"] < 20
+    assert m["nonfinite_total"] == 0 and 0 < m["final_student_r_mean"] < 20
     cfg = load_config(FDistillConfig, ROOT / "configs/tiny_sd_fdistill_js.yaml",
                       ov + [f"output_dir={tmp_path / 'fd'}", "gan.features=fake"])
     assert FDistillTrainer(cfg).train()["nonfinite_total"] == 0

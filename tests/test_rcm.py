@@ -192,8 +192,8 @@ def test_trainer_mixture_rcm_exports_consistency_student(tmp_path):
 
     res, out = run_trainer(tmp_path, "fake_updates=2", "dmd_max_steps=3")
     tr, m = res["trainer"], res["metrics"]
-    assert set(tr.nets) == {"student", "fake"}
-    assert tr.phases(0) == ["student"] and tr.phases(3) == ["fake", "fake", "student"]
+    assert set(tr.nets) == {"student", "fake_score"}
+    assert tr.phases(0) == ["student"] and tr.phases(3) == ["fake_score", "fake_score", "student"]
     hist = tr.history
     assert all("student/scm" in h for h in hist) and "student/dmd" in hist[-1] and "student/dmd" not in hist[0]
     assert hist[-1]["student/tangent_r"] == 1.0 and hist[0]["student/tangent_r"] == 0.0

@@ -116,7 +116,7 @@ def _train(cls, cfg_file, tmp_path, *overrides):
 
 
 def _check_export(tr, out, folder="model"):
-    policy = tr.nets["policy"].module if "policy" in tr.nets else tr.nets["gen"].module.denoiser
+    policy = tr.nets["policy"].module if "policy" in tr.nets else tr.nets["student"].module.denoiser
     cond = policy.encode_prompts(["a photo of a cat", "a red car"]) if policy.conditional else None
     x, t, _ = _probe(policy)
     with torch.no_grad():
@@ -232,7 +232,7 @@ def test_di_star_tiny_sd_lora_cfg_out(tiny_sd, tmp_path):
     meta = json.loads((out / "student" / "diffdiv.json").read_text())
     assert meta["kind"] == "one_step" and meta["guidance_scale"] == 1.0
     hist = tr.history[-1]
-    assert "gen/cfg_term" in hist and "fake/loss" in hist
+    assert "student/cfg_term" in hist and "fake_score/loss" in hist
 
 
 def test_one_line_errors(tiny_sd, tmp_path, capsys):

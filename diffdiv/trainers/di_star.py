@@ -83,17 +83,17 @@ class DIStarTrainer(DistillTrainer):
         else:
             params = list(student.parameters())
         self.student = student
-        self.gen = self.one_step_generator(student)
-        self.add_network("gen", self.gen, lr=cfg.lr_gen, betas=tuple(cfg.betas), params=params)
+        self.generator = self.one_step_generator(student)
+        self.add_network("student", self.generator, lr=cfg.lr_gen, betas=tuple(cfg.betas), params=params)
         fake = self.make_student()
         fake.guidance_scale = 1.0
-        self.add_network("fake", fake, lr=cfg.lr_fake, betas=tuple(cfg.betas))
+        self.add_network("fake_score", fake, lr=cfg.lr_fake, betas=tuple(cfg.betas))
         self.rewards = RewardKit(cfg, self.teacher, self.conds, self.add_frozen)
         if cfg.reward_weight > 0:
             self.rewards.require_differentiable(self.name)
 
     def phases(self, step: int) -> list[str]:
-        return ["fake"] * self.cfg.fake_updates + ["gen"]
+        return ["fake_score"] * self.cfg.fake_updates + ["student"]
 
     def _batch(self) -> tuple[Tensor | None, Any, Tensor]:
         n = self.cfg.batch_size
@@ -103,12 +103,12 @@ class DIStarTrainer(DistillTrainer):
     def loss(self, phase: str, micro: int) -> tuple[Tensor, dict[str, float]]:
         cfg = self.cfg
         idx, cond, z = self._batch()
-        if phase == "fake":
+        if phase == "fake_score":
             with torch.no_grad():
-                x0 = self.nets["gen"].module(z, cond)
-            per, _ = fake_score_step(self.net("fake"), x0, self.sample_t(), self.noise, cond, cfg.fake_weighting)
+                x0 = self.nets["student"].module(z, cond)
+            per, _ = fake_score_step(self.net("fake_score"), x0, self.sample_t(), self.noise, cond, cfg.fake_weighting)
             return per.mean(), {}
-        x0 = self.net("gen")(z, cond)
+        x0 = self.net("student")(z, cond)
         if cfg.reward_weight > 0:
             rewards = self.rewards.score(x0, idx)
         else:
@@ -116,7 +116,7 @@ class DIStarTrainer(DistillTrainer):
                 rewards = self.rewards.score(x0.detach(), idx)
         t = self.sample_t()
         x_t, _, a, s = self.noise(x0, t)
-        d_q = self.nets["fake"].module(x_t, t, cond)
+        d_q = self.nets["fake_score"].module(x_t, t, cond)
         cfg_out = None
         if cfg.cfg_mode == "out" and cond is not None and self.w != 1.0:
             d_p = self.teacher(x_t, t, cond, guidance_scale=1.0)
@@ -141,22 +141,22 @@ class DIStarTrainer(DistillTrainer):
             from diffdiv.sampling import ddim_chain, ddim_times
 
             sch = self.teacher.schedule
-            times = ddim_times(self.nets["gen"].module.t_init, sch.t_min, self.cfg.ref_steps)
+            times = ddim_times(self.nets["student"].module.t_init, sch.t_min, self.cfg.ref_steps)
             return ddim_chain(lambda x, t: self.teacher(x, t, cond), z, times, sch, 0.0).x, {}
-        x0 = self.nets["gen"].module(z, cond)
+        x0 = self.nets["student"].module(z, cond)
         sch = self.teacher.schedule
         u = self.cfg.t_lo + (self.cfg.t_hi - self.cfg.t_lo) * torch.rand(len(z), generator=gen)
         t = (sch.t_min + (sch.t_max - sch.t_min) * u).to(z.device)
         a, s = sch.alpha_sigma(t)
         view = (-1,) + (1,) * (x0.ndim - 1)
         x_t = a.view(view) * x0 + s.view(view) * torch.randn(x0.shape, generator=gen).to(z.device)
-        y = (self.teacher(x_t, t, cond) - self.nets["fake"].module(x_t, t, cond)).flatten(1).float()
+        y = (self.teacher(x_t, t, cond) - self.nets["fake_score"].module(x_t, t, cond)).flatten(1).float()
         c = self.cfg.huber_c if self.cfg.huber_c is not None else pseudo_huber_c(y.shape[1])
         d = torch.sqrt((y * y).sum(1) + c * c) - c
         return x0, {"score_div_est": float(d.mean())}
 
     def export(self, out_dir: Path) -> None:
-        student = self.nets["gen"].module.denoiser
+        student = self.nets["student"].module.denoiser
         if has_lora(student.trainable):
             save_lora(student, out_dir / "lora")
             student = merged_copy(student)

@@ -1,9 +1,9 @@
 """f-distill trainer (arXiv 2502.15681): one-step generator, fake score, discriminator heads, f-weighted loss.
 
-Networks: "gen" (the student denoiser read as a one-step generator x0 = D(sigma_init z, t_init), with EMA) and
-"critic" (the fake-score denoiser plus discriminator heads, trained together). Update schedule per step:
-`fake_updates` critic phases (DSM of the fake score on sg(G(z)) + logistic discriminator loss) then one
-generator phase (f-weighted score difference, docs/math.md#fdistill, + a small non-saturating GAN term).
+Networks: "student" (the student denoiser read as a one-step generator x0 = D(sigma_init z, t_init), with EMA) and
+"fake_score" (the fake-score denoiser plus discriminator heads, trained together). Update schedule per step:
+`fake_updates` "fake_score" phases (DSM of the fake score on sg(G(z)) + logistic discriminator loss) then one
+"student" phase (f-weighted score difference, docs/math.md#fdistill, + a small non-saturating GAN term).
 The discriminator reads teacher features (default) or fake-score features of noised samples; "real" samples
 are noised data or a pool of teacher samples. Math lives in diffdiv.methods.fdistill.
 """
@@ -135,7 +135,7 @@ class FDistillTrainer(DistillTrainer):
         torch.manual_seed(cfg.seed)
         student = self.make_student()
         student.guidance_scale = 1.0  # CFG is distilled into the student, never applied to it
-        self.student = self.add_network("gen", student, lr=cfg.lr_gen, betas=tuple(cfg.betas), ema=True)
+        self.student = self.add_network("student", student, lr=cfg.lr_gen, betas=tuple(cfg.betas), ema=True)
         fake = self.make_student()
         fake.guidance_scale = 1.0  # the fake score models q_t itself (no guidance)
         self.t_init = self.one_step_generator(student).t_init
@@ -153,7 +153,7 @@ class FDistillTrainer(DistillTrainer):
                 shapes = self._probe_features(src)
             with_input = cfg.gan.input_head or cfg.gan.features == "input"
             heads = DiscriminatorHeads(shapes, cfg.gan.head_hidden, self.sample_shape if with_input else None)
-        self.critic = self.add_network("critic", Critic(fake, heads, cfg.gan.features == "fake"),
+        self.critic = self.add_network("fake_score", Critic(fake, heads, cfg.gan.features == "fake"),
                                        lr=cfg.lr_fake, betas=tuple(cfg.betas))
         sch = self.teacher.schedule
         self.bins = None
@@ -197,7 +197,7 @@ class FDistillTrainer(DistillTrainer):
 
     # ------------------------------------------------------------------ schedule
     def phases(self, step: int) -> list[str]:
-        return ["critic"] * self.cfg.fake_updates + ["gen"]
+        return ["fake_score"] * self.cfg.fake_updates + ["student"]
 
     def phase_networks(self, phase: str) -> list[str]:
         return [phase]
@@ -208,7 +208,7 @@ class FDistillTrainer(DistillTrainer):
         t = torch.full((z.shape[0],), self.t_init, device=z.device)
         _, s = self.student.schedule.alpha_sigma(t)
         view = (-1,) + (1,) * (z.ndim - 1)
-        return self.net("gen")(s.view(view).to(z.dtype) * z, t, cond)
+        return self.net("student")(s.view(view).to(z.dtype) * z, t, cond)
 
     def fake_weighting(self) -> str:
         w = self.cfg.fake_weighting
@@ -275,14 +275,14 @@ class FDistillTrainer(DistillTrainer):
 
     # ------------------------------------------------------------------ losses
     def loss(self, phase: str, micro: int) -> tuple[Tensor, dict[str, float]]:
-        if phase == "critic":
+        if phase == "fake_score":
             return self.critic_step()
         return self.generator_step()
 
     def critic_forward(self, x_t: Tensor, t: Tensor, cond: Any) -> tuple[Tensor, Tensor | None, Tensor | None]:
         """(D_q(x_t), logits on fake, logits on real) from one critic forward (discriminator inputs drawn here)."""
         disc = self.discriminator_inputs(x_t, t, cond) if self.critic.heads is not None else None
-        return self.net("critic")(x_t, t, cond, disc)
+        return self.net("fake_score")(x_t, t, cond, disc)
 
     def critic_step(self) -> tuple[Tensor, dict[str, float]]:
         cfg = self.cfg

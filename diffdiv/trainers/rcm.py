@@ -126,7 +126,7 @@ class RCMTrainer(DistillTrainer):
         if cfg.dmd_weight > 0:
             fake = self.make_student()
             fake.guidance_scale = 1.0
-            self.fake = self.add_network("fake", fake, lr=cfg.lr_fake, betas=tuple(cfg.betas))
+            self.fake = self.add_network("fake_score", fake, lr=cfg.lr_fake, betas=tuple(cfg.betas))
             self.fake_view = TrigFlowView(self.fake, self.sd, sigma_max=cfg.sigma_max)
         if cfg.adaptive_weight:
             self.add_network("logvar", AdaptiveWeight(), lr=cfg.lr_logvar, betas=(0.9, 0.999))
@@ -140,7 +140,7 @@ class RCMTrainer(DistillTrainer):
 
     def phases(self, step: int) -> list[str]:
         if self.dmd_on(step):
-            return ["fake"] * self.cfg.fake_updates + ["student"]
+            return ["fake_score"] * self.cfg.fake_updates + ["student"]
         return ["student"]
 
     def phase_networks(self, phase: str) -> list[str]:
@@ -180,7 +180,7 @@ class RCMTrainer(DistillTrainer):
 
     # ------------------------------------------------------------------ losses
     def loss(self, phase: str, micro: int) -> tuple[Tensor, dict[str, float]]:
-        if phase == "fake":
+        if phase == "fake_score":
             return self.critic_loss()
         return self.student_loss()
 
@@ -192,7 +192,7 @@ class RCMTrainer(DistillTrainer):
             x0 = self.student_view.x0(x, t_g, cond, 1.0)
 
         def fake(x_t: Tensor, t: Tensor, c: Any) -> Tensor:
-            return self.fake_view.x0(x_t, t, c, 1.0, net=self.net("fake"))
+            return self.fake_view.x0(x_t, t, c, 1.0, net=self.net("fake_score"))
 
         def noise(x: Tensor, t: Tensor) -> tuple[Tensor, None, Tensor, Tensor]:  # TrigFlow: alpha, sigma = cos, sd sin
             return self.trig_noise(x, t), None, torch.cos(t), self.sd * torch.sin(t)
