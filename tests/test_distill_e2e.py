@@ -71,10 +71,12 @@ def test_two_process_accelerate_launch_matches_one_process(tiny_sd, tmp_path):
     one, two = tmp_path / "one", tmp_path / "two"
     _run([sys.executable, "train/fdistill.py", *common, f"output_dir={one}"])
     env = dict(ENV, ACCELERATE_USE_CPU="true")
+    # the default tracker (tensorboard): closing it must not end the process group under the other rank (exit 0)
     p = _run([sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-              "train/fdistill.py", *common, f"output_dir={two}"], env=env)
+              "train/fdistill.py", *common, "log_with=tensorboard", f"output_dir={two}"], env=env)
     assert p.stdout.count("| steps") == 1  # only the main process prints the table
+    assert list((two / "logs").rglob("events.out.tfevents*"))  # the tracker wrote its log
     wa, wb = _unet_weights(one), _unet_weights(two)
     teacher_w = load_file(str(tiny_sd / "unet" / "diffusion_pytorch_model.safetensors"))
     # same global batches and statistics, so the same updates up to floating-point reduction order (Adam
