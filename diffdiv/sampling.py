@@ -304,7 +304,7 @@ class ConsistencyChainOut:
 # sCM multistep sampling (Lu & Song 2024, Alg. 1), reparameterized, with ROCM's per-step f-divergence
 def consistency_chain(denoise: DenoiseFn, noise: Tensor, times: Sequence[float], schedule,
                       noises: Sequence[Tensor] | None = None, ref_denoise: DenoiseFn | None = None,
-                      divergence: str = "kl", final_logsnr: float | None = 2.0,
+                      divergence: str = "fkl", final_logsnr: float | None = 2.0,
                       ref_grad: bool = True) -> ConsistencyChainOut:
     """Few-step consistency chain (reparameterized) with the per-step f-divergence to a reference.
 

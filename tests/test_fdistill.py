@@ -125,6 +125,8 @@ def test_recipes_parse(path):
 def test_bad_inputs_are_config_errors():
     with pytest.raises(ConfigError, match="unknown divergence"):
         load_config(FDistillConfig, CONFIGS / "toy_fdistill_js.yaml", ["divergence=kl2"])
+    with pytest.raises(ConfigError, match="no generator weight"):  # tv is in the table but has no h(r)
+        load_config(UniInstructConfig, None, ["divergence=tv"])
     with pytest.raises(ConfigError, match="ratio.clip"):
         load_config(FDistillConfig, CONFIGS / "toy_fdistill_js.yaml", ["ratio.clip=[2, 1]"])
     with pytest.raises(ConfigError, match="variant"):

@@ -9,8 +9,9 @@ import torch
 
 from diffdiv.config import ConfigError
 from diffdiv.divergence import DIVERGENCES, f_value, f_weight, parse_divergence
+from diffdiv.divergence.fdiv import NO_WEIGHT, RENAMED
 
-NAMES = [n for n in DIVERGENCES if not n.startswith("alpha")] + [
+NAMES = [n for n in DIVERGENCES if not n.startswith("alpha") and n not in NO_WEIGHT] + [
     "alpha:0.5", "alpha:-1", "alpha:2", "alpha:0", "alpha:1", "alpha:1.7", "ALPHA:-0.3",
 ]
 R = torch.logspace(-2.5, 2.5, 301, dtype=torch.float64)
@@ -25,8 +26,9 @@ def _second_derivative(name: str, r: torch.Tensor) -> tuple[torch.Tensor, torch.
 
 
 def test_names_listed():
-    assert set(DIVERGENCES) == {"rkl", "fkl", "js", "hellinger", "jeffreys", "srkl", "pearson", "neyman",
+    assert set(DIVERGENCES) == {"rkl", "fkl", "js", "hellinger", "jeffreys", "srkl", "pearson", "neyman", "tv",
                                 "alpha:<a>"}
+    assert NO_WEIGHT == ("tv",) and set(RENAMED.values()) <= set(DIVERGENCES)
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -96,3 +98,45 @@ def test_parse():
     assert parse_divergence("JS") == ("js", None)
     kind, a = parse_divergence("alpha:0.25")
     assert kind == "alpha" and math.isclose(a, 0.25)
+
+
+@pytest.mark.parametrize("old,new", [("kl", "fkl"), ("chi2", "pearson"), (" KL ", "fkl")])
+def test_former_names_name_the_table_name(old, new):
+    with pytest.raises(ConfigError, match=f"is now called '{new}'"):
+        parse_divergence(old)
+
+
+def test_tv_has_f_but_no_generator_weight():
+    r = torch.tensor([0.25, 1.0, 3.0], dtype=torch.float64)
+    torch.testing.assert_close(f_value(r, "tv"), torch.tensor([0.375, 0.0, 1.0], dtype=torch.float64))
+    with pytest.raises(ConfigError, match="no generator weight"):
+        f_weight(r, "tv")
+    with pytest.raises(ConfigError, match="no generator weight"):
+        parse_divergence("tv", need_weight=True)
+
+
+def _gauss_quad(fn, d: float) -> float:
+    from scipy import integrate
+
+    return integrate.quad(fn, -12.0, d + 12.0, points=[0.0, d / 2, d], limit=400, epsabs=1e-13, epsrel=1e-11)[0]
+
+
+@pytest.mark.parametrize("d", [0.3, 1.0, 2.0, 3.5])
+def test_table_scale_on_two_gaussians(d):
+    """E_q f(p/q) with the table's f, p = N(0, 1), q = N(d, 1), by quadrature, against the densities' own integrals:
+    hellinger = int (sqrt p - sqrt q)^2 = 2 (1 - BC) = 2 (1 - exp(-d^2/8)); tv = int |p - q| / 2 = erf(d / 2 sqrt 2)."""
+    from scipy import stats
+
+    p, q = stats.norm(0.0, 1.0), stats.norm(d, 1.0)
+
+    def table(name):
+        return _gauss_quad(lambda x: q.pdf(x) * float(f_value(torch.tensor(math.exp(p.logpdf(x) - q.logpdf(x)),
+                                                                            dtype=torch.float64), name)), d)
+
+    hel = table("hellinger")
+    assert abs(hel - _gauss_quad(lambda x: (math.sqrt(p.pdf(x)) - math.sqrt(q.pdf(x))) ** 2, d)) < 1e-10
+    bc = _gauss_quad(lambda x: math.sqrt(p.pdf(x) * q.pdf(x)), d)
+    assert abs(hel - 2 * (1 - bc)) < 1e-10 and abs(hel - 2 * (1 - math.exp(-d * d / 8))) < 1e-10
+    tv = table("tv")
+    assert abs(tv - _gauss_quad(lambda x: 0.5 * abs(p.pdf(x) - q.pdf(x)), d)) < 1e-10
+    assert abs(tv - math.erf(d / (2 * math.sqrt(2)))) < 1e-9

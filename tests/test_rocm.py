@@ -1,4 +1,5 @@
-"""ROCM: closed-form f-divergences of equal-variance Gaussian steps vs numerical integration, the summed
+"""ROCM: closed-form f-divergences of equal-variance Gaussian steps vs numerical integration (of the densities
+and of the f table's E_q f(p/q): same names, same scale), the summed
 per-step KL of an affine consistency chain vs the exact KL of the joint path distribution, and the chain
 vs diffdiv.sampling.sample_consistency."""
 
@@ -8,27 +9,35 @@ import pytest
 import torch
 from scipy import integrate, stats
 
+from diffdiv.config import ConfigError, load_config
+from diffdiv.divergence import DIVERGENCES, f_value
 from diffdiv.divergence.exact import gaussian_kl
 from diffdiv.methods.rocm import ROCM_DIVERGENCES, gaussian_step_divergence, step_sq_distance
 from diffdiv.models.gmm import GaussianMixture, GaussianMixtureTeacher
 from diffdiv.param import VPSchedule
 from diffdiv.sampling import consistency_chain, sample_consistency
+from diffdiv.trainers.rocm import ROCMConfig
 
 DT = torch.float64
 DS = (0.05, 0.3, 1.0, 2.5, 5.0)
 
 
 def _integrand(name: str, d: float, sigma: float):
+    """Integrand of D(p||q) written from the two densities (not from the f table), p = N(0, s^2), q = N(d s, s^2)."""
     p = stats.norm(0.0, sigma).pdf
     q = stats.norm(d * sigma, sigma).pdf
-    if name == "kl":
+    if name == "fkl":  # KL(p||q)
         return lambda x: p(x) * (math.log(p(x)) - math.log(q(x))) if p(x) > 0 and q(x) > 0 else 0.0
+    if name == "rkl":  # KL(q||p)
+        return lambda x: q(x) * (math.log(q(x)) - math.log(p(x))) if p(x) > 0 and q(x) > 0 else 0.0
     if name == "hellinger":
-        return lambda x: 0.5 * (math.sqrt(p(x)) - math.sqrt(q(x))) ** 2  # = 1 - BC
+        return lambda x: (math.sqrt(p(x)) - math.sqrt(q(x))) ** 2  # = 2 (1 - BC)
     if name == "tv":
         return lambda x: 0.5 * abs(p(x) - q(x))
-    if name == "chi2":
+    if name == "pearson":
         return lambda x: (p(x) - q(x)) ** 2 / q(x) if q(x) > 0 else 0.0
+    if name == "neyman":
+        return lambda x: (p(x) - q(x)) ** 2 / p(x) if p(x) > 0 else 0.0
     if name == "js":
         def f(x):
             m = 0.5 * (p(x) + q(x))
@@ -42,11 +51,22 @@ def _integrand(name: str, d: float, sigma: float):
     raise ValueError(name)
 
 
-def numeric_divergence(name: str, d: float, sigma: float = 0.7) -> float:
+def _table_integrand(name: str, d: float, sigma: float):
+    """q f(p/q) with f from the f-divergence table (D_f(p||q) = E_q f(p/q)), in log space for the ratio."""
+    p, q = stats.norm(0.0, sigma), stats.norm(d * sigma, sigma)
+
+    def f(x):
+        r = torch.tensor([math.exp(p.logpdf(x) - q.logpdf(x))], dtype=DT)
+        return q.pdf(x) * float(f_value(r, name)[0])
+    return f
+
+
+def numeric_divergence(name: str, d: float, sigma: float = 0.7, table: bool = False) -> float:
     """D_f(N(0, s^2) || N(d s, s^2)) by adaptive quadrature of the densities (1-D, along the mean difference)."""
     lo, hi = -12 * sigma, (d + 12) * sigma
     pts = [0.0, 0.5 * d * sigma, d * sigma]
-    val, _ = integrate.quad(_integrand(name, d, sigma), lo, hi, points=pts, limit=400, epsabs=1e-13, epsrel=1e-11)
+    fn = _table_integrand(name, d, sigma) if table else _integrand(name, d, sigma)
+    val, _ = integrate.quad(fn, lo, hi, points=pts, limit=400, epsabs=1e-13, epsrel=1e-11)
     return val
 
 
@@ -56,6 +76,36 @@ def test_closed_forms_match_numerical_integration(name):
     mine = gaussian_step_divergence(name, d**2)
     ref = torch.tensor([numeric_divergence(name, float(v)) for v in DS], dtype=DT)
     torch.testing.assert_close(mine, ref, rtol=1e-7, atol=1e-10)
+
+
+@pytest.mark.parametrize("name", ROCM_DIVERGENCES)
+def test_closed_forms_are_the_f_table_divergences(name):
+    """Same meaning and scale as diffdiv.divergence.fdiv: E_q f(p/q) by quadrature with the table's f."""
+    assert name in DIVERGENCES
+    ds = DS[:4]  # at d = 5 the ratio p/q spans exp(+-60) and pearson's integrand is dominated by far tails
+    mine = gaussian_step_divergence(name, torch.tensor(ds, dtype=DT) ** 2)
+    ref = torch.tensor([numeric_divergence(name, v, table=True) for v in ds], dtype=DT)
+    torch.testing.assert_close(mine, ref, rtol=1e-6, atol=1e-10)
+
+
+def test_hellinger_scale_is_two_one_minus_bc():
+    """hellinger = int (sqrt p - sqrt q)^2 = 2 (1 - BC), BC = exp(-d^2/8): e.g. 2 (1 - e^{-1/2}) at d = 2."""
+    bc = integrate.quad(lambda x: math.sqrt(stats.norm(0, 1).pdf(x) * stats.norm(2, 1).pdf(x)), -12, 14)[0]
+    assert abs(bc - math.exp(-0.5)) < 1e-10
+    assert abs(float(gaussian_step_divergence("hellinger", torch.tensor([4.0], dtype=DT))[0]) - 2 * (1 - bc)) < 1e-10
+
+
+def test_names_are_the_f_table_and_old_names_point_to_it():
+    assert set(ROCM_DIVERGENCES) <= set(DIVERGENCES)
+    for old, new in (("kl", "fkl"), ("chi2", "pearson")):
+        with pytest.raises(ConfigError, match=f"now called '{new}'"):
+            gaussian_step_divergence(old, torch.ones(1))
+        with pytest.raises(ConfigError, match=f"now called '{new}'"):
+            load_config(ROCMConfig, None, [f"divergence={old}"])
+    for bad in ("alpha:0.5", "jeffreys", "foo"):
+        with pytest.raises(ConfigError, match="fkl, rkl, hellinger"):
+            load_config(ROCMConfig, None, [f"divergence={bad}"])
+    assert load_config(ROCMConfig, None, ["divergence=Hellinger"]).divergence == "Hellinger"  # case-insensitive
 
 
 def test_multivariate_reduces_to_distance_along_mean_difference():
@@ -68,14 +118,14 @@ def test_multivariate_reduces_to_distance_along_mean_difference():
     torch.testing.assert_close(d2, alpha**2 * ((f1 - f2) ** 2).sum(1) / sigma**2)
     cov = sigma**2 * torch.eye(5, dtype=DT)
     kl = gaussian_kl(alpha * f1[0], cov, alpha * f2[0], cov)
-    torch.testing.assert_close(gaussian_step_divergence("kl", d2)[0], kl)
-    # Monte Carlo in 5-D for the Bhattacharyya coefficient (squared Hellinger = 1 - E_p sqrt(q/p))
+    torch.testing.assert_close(gaussian_step_divergence("fkl", d2)[0], kl)
+    # Monte Carlo in 5-D for the Bhattacharyya coefficient (squared Hellinger = 2 (1 - E_p sqrt(q/p)))
     n = 400_000
     x = alpha * f1 + sigma * torch.randn(n, 5, generator=g, dtype=DT)
     logr = (-((x - alpha * f2) ** 2).sum(1) + ((x - alpha * f1) ** 2).sum(1)) / (2 * sigma**2)
     bc = torch.exp(0.5 * logr)
-    se = float(bc.std() / math.sqrt(n))
-    assert abs(float(1 - bc.mean()) - float(gaussian_step_divergence("hellinger", d2)[0])) < 4 * se
+    se = 2 * float(bc.std() / math.sqrt(n))
+    assert abs(float(2 * (1 - bc.mean())) - float(gaussian_step_divergence("hellinger", d2)[0])) < 4 * se
 
 
 def test_js_gradient_matches_numerical_derivative():
@@ -89,7 +139,7 @@ def test_js_gradient_matches_numerical_derivative():
 
 
 def test_chi2_is_capped_not_infinite():
-    v = gaussian_step_divergence("chi2", torch.tensor([1e4]))
+    v = gaussian_step_divergence("pearson", torch.tensor([1e4]))
     assert torch.isfinite(v).all()
 
 
@@ -129,7 +179,7 @@ def test_summed_step_kl_is_the_path_kl():
     z = torch.randn(n, 2, generator=g, dtype=DT)
     noises = [torch.randn(n, 2, generator=g, dtype=DT)]
     out = consistency_chain(lambda x, t: x @ A1.T + b1, z, times, sched, noises, lambda x, t: x @ A2.T + b2,
-                            "kl", final_logsnr=lam_f)
+                            "fkl", final_logsnr=lam_f)
     se = float(out.div.std() / math.sqrt(n))
     assert abs(float(out.div.mean()) - float(exact)) < 4 * se, (float(out.div.mean()), float(exact), se)
     assert float(exact) > 20 * se

@@ -1,8 +1,16 @@
 """f-divergence table: f(r) and the generator weight h(r) = r^2 f''(r) (docs/math.md#f-table).
 
+The one vocabulary of divergence names in diffdiv (f-distill, Uni-Instruct, ROCM's step regularizer).
 Convention (f-distill, Xu et al. 2025, arXiv 2502.15681, sec. 3): D_f(p||q) = E_q[f(p/q)], r = p/q,
 f convex with f(1) = 0. The generator gradient is E[h(r) (s_q - s_p)^T dx_t/dtheta] with
 h(r) = r^2 f''(r) (the f-distill gradient theorem; derivation in docs/math.md#core). h is returned un-normalized.
+In distillation p is the teacher and q the student; ROCM compares p = the fine-tuned (policy) step with
+q = the reference step, so its KL(policy || reference) is "fkl".
+
+Scales (no hidden factors): hellinger is f = (sqrt r - 1)^2, D = int (sqrt p - sqrt q)^2 = 2 (1 - BC) with
+the Bhattacharyya coefficient BC = int sqrt(p q), so D is in [0, 2]; for two equal-variance Gaussians at
+Mahalanobis distance d, BC = exp(-d^2/8) and D = 2 (1 - exp(-d^2/8)). tv is (1/2) int |p - q| in [0, 1];
+js is (1/2) KL(p||m) + (1/2) KL(q||m), m = (p + q)/2, in [0, log 2]; pearson is int (p - q)^2 / q.
 """
 
 from __future__ import annotations
@@ -16,20 +24,32 @@ from diffdiv.config import ConfigError
 
 #: canonical names; `alpha:<a>` (any real a) is accepted as well
 DIVERGENCES: tuple[str, ...] = (
-    "rkl", "fkl", "js", "hellinger", "jeffreys", "srkl", "pearson", "neyman", "alpha:<a>",
+    "rkl", "fkl", "js", "hellinger", "jeffreys", "srkl", "pearson", "neyman", "tv", "alpha:<a>",
 )
 _FIXED = DIVERGENCES[:-1]
+#: names whose f has no second derivative (tv: f'' is a point mass at r = 1), so no generator weight h(r)
+NO_WEIGHT: tuple[str, ...] = ("tv",)
+#: former names (ROCM's `kl`, `chi2`), rejected with a one-line error naming the table name
+RENAMED: dict[str, str] = {"kl": "fkl", "chi2": "pearson"}
 
 
-def parse_divergence(name: str) -> tuple[str, float | None]:
+def parse_divergence(name: str, need_weight: bool = False) -> tuple[str, float | None]:
     """Validate a divergence name -> (kind, alpha-parameter or None).
 
-    Raises `ConfigError` (a ValueError) naming the valid choices for an unknown name.
+    Raises `ConfigError` (a ValueError) naming the valid choices for an unknown name, the table name for a
+    former name (RENAMED), and, with need_weight, for a name without a generator weight (NO_WEIGHT).
     """
     if not isinstance(name, str):
         raise ConfigError(f"divergence must be a string, got {type(name).__name__}")
     key = name.strip().lower()
+    if key in RENAMED:
+        raise ConfigError(f"divergence {name!r} is now called {RENAMED[key]!r} (one name per divergence, "
+                          f"diffdiv.divergence.fdiv); valid: {', '.join(DIVERGENCES)}")
     if key in _FIXED:
+        if need_weight and key in NO_WEIGHT:
+            smooth = ", ".join(n for n in DIVERGENCES if n not in NO_WEIGHT)
+            raise ConfigError(f"divergence {name!r} has no generator weight h(r) = r^2 f''(r) (f is not twice "
+                              f"differentiable); choose from {smooth}")
         return key, None
     if key.startswith("alpha:"):
         try:
@@ -68,6 +88,8 @@ def f_value(r: Tensor, name: str) -> Tensor:
         return (r - 1) ** 2
     if kind == "neyman":  # f = (1 - r)^2 / r
         return (1 - r) ** 2 / r
+    if kind == "tv":  # total variation: f = |r - 1| / 2
+        return 0.5 * (r - 1).abs()
     # alpha family: f = (r^a - a r - (1 - a)) / (a (a - 1)); limits at a = 0, 1
     assert a is not None
     if a == 0.0:
@@ -79,7 +101,7 @@ def f_value(r: Tensor, name: str) -> Tensor:
 
 def f_weight(r: Tensor, name: str) -> Tensor:
     """h(r) = r^2 f''(r) of the named divergence (elementwise, un-normalized)."""
-    kind, a = parse_divergence(name)
+    kind, a = parse_divergence(name, need_weight=True)
     r = _float(r)
     if kind == "rkl":
         return torch.ones_like(r)

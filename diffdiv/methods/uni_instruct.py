@@ -68,7 +68,7 @@ def _col(c: Tensor | float, like: Tensor) -> Tensor:
 
 def weight_derivatives(r: Tensor, name: str) -> tuple[Tensor, Tensor, Tensor]:
     """(h, h', h'') with h(r) = r^2 f''(r) of the named divergence (closed forms, elementwise, r > 0)."""
-    kind, a = parse_divergence(name)
+    kind, a = parse_divergence(name, need_weight=True)
     r = torch.as_tensor(r)
     r = r.to(torch.promote_types(r.dtype, torch.float32))
     one, zero = torch.ones_like(r), torch.zeros_like(r)

@@ -72,7 +72,7 @@ class FDistillConfig(DistillConfig):
 
     output_dir: str = "runs/fdistill"
     method: Literal["fdistill", "uni_instruct"] = "fdistill"
-    divergence: str = "js"  # any name of diffdiv.divergence.DIVERGENCES, e.g. rkl fkl js jeffreys alpha:0.5
+    divergence: str = "js"  # a name of diffdiv.divergence.DIVERGENCES with a weight (not tv), e.g. rkl fkl js alpha:0.5
     ratio: RatioConfig = field(default_factory=RatioConfig)
     gan: GanConfig = field(default_factory=GanConfig)
     normalize: bool = True  # divide the score difference by n = mean|x0 - D_p| (DMD2 / f-distill)
@@ -80,7 +80,7 @@ class FDistillConfig(DistillConfig):
 
     def validate(self) -> None:
         super().validate()
-        parse_divergence(self.divergence)
+        parse_divergence(self.divergence, need_weight=True)
 
 
 class Critic(nn.Module):

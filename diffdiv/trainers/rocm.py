@@ -5,21 +5,22 @@ student, or a diffusion teacher used few-step). Per step: sample B prompts, nois
 noises, run the reparameterized chain with gradients through every step, decode, score with a
 differentiable reward and minimize
     -reward_weight * mean r + div_weight * mean sum_i D_f(step_i),
-with D_f the chosen f-divergence (kl | hellinger | tv | chi2 | js) between the fine-tuned and the
-reference Gaussian step distributions, in closed form in d = alpha ||f_theta - f_ref|| / sigma
-(diffdiv.methods.rocm). `div_weight` is the divergence weight whatever the divergence.
+with D_f(policy step || reference step) the chosen f-divergence (a name of diffdiv.divergence.fdiv with a
+closed form for equal-variance Gaussians: fkl rkl hellinger tv pearson neyman js, on that table's scale) in
+closed form in d = alpha ||f_theta - f_ref|| / sigma (diffdiv.methods.rocm). `div_weight` is the divergence
+weight whatever the divergence.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from torch import Tensor
 
 from diffdiv.config import ConfigError, check
-from diffdiv.methods.rocm import rocm_loss
+from diffdiv.methods.rocm import rocm_divergence, rocm_loss
 from diffdiv.sampling import consistency_chain
 from diffdiv.trainers.reward_base import RewardTrainConfig, RewardTrainer
 
@@ -32,7 +33,7 @@ class ROCMConfig(RewardTrainConfig):
     reward: dict[str, Any] = field(default_factory=lambda: {"name": "jpeg_compressibility_surrogate"})
     steps: int = 4  # consistency steps (1-4 typical)
     times: list[float] | None = None  # model times; default: the folder's diffdiv.json times_<steps> or default_times
-    divergence: Literal["kl", "hellinger", "tv", "chi2", "js"] = "kl"
+    divergence: str = "fkl"  # KL(policy || ref); any of diffdiv.methods.rocm.ROCM_DIVERGENCES
     final_logsnr: float | None = 2.0  # the last step is compared after re-noising to this log-SNR (null: skip)
     ref_grad: bool = True  # divergence gradient also through the reference's input state
     eval_eta: float = 0.0  # unused by ROCM (consistency chains)
@@ -41,6 +42,7 @@ class ROCMConfig(RewardTrainConfig):
         super().validate()
         check(self.times is None or len(self.times) == self.steps,
               f"times must list {self.steps} model times (one per step), got {self.times}")
+        rocm_divergence(self.divergence)
 
 
 class ROCMTrainer(RewardTrainer):
@@ -70,10 +72,11 @@ class ROCMTrainer(RewardTrainer):
         if any(not (sch.t_min <= t <= sch.t_max) for t in times):
             raise ConfigError(f"times {times} are outside the model's range [{sch.t_min}, {sch.t_max}]")
         self.cm_times = [float(t) for t in times]
+        self.divergence = rocm_divergence(cfg.divergence)  # the table name (case and spaces normalized)
 
     def chain(self, fn, z: Tensor, noises: list[Tensor], ref=None):
         cfg = self.cfg
-        return consistency_chain(fn, z, self.cm_times, self.policy.schedule, noises, ref, cfg.divergence,
+        return consistency_chain(fn, z, self.cm_times, self.policy.schedule, noises, ref, self.divergence,
                                  cfg.final_logsnr, cfg.ref_grad)
 
     def loss(self, phase: str, micro: int) -> tuple[Tensor, dict[str, float]]:
@@ -95,7 +98,7 @@ class ROCMTrainer(RewardTrainer):
         if which == "reference":
             return self.chain(self.ref_fn(cond), z, noises).x0, {}
         out = self.chain(self.policy_fn(cond, grad=False), z, noises, self.ref_fn(cond))
-        return out.x0, {"path_kl": float(out.kl.mean()), f"path_{self.cfg.divergence}": float(out.div.mean())}
+        return out.x0, {"path_kl": float(out.kl.mean()), f"path_{self.divergence}": float(out.div.mean())}
 
     def export_meta(self) -> dict[str, Any]:
         meta = super().export_meta()
