@@ -349,11 +349,8 @@ def resolve_attention_jvp(mode: str, q: Tensor) -> str:
 
 
 def attention_jvp_fn(name: str) -> Callable[..., tuple[Tensor, Tensor]]:
-    """The attention-JVP implementation for a resolved name (reference | blockwise | triton)."""
-    if name == "reference":
-        from diffdiv.models.jvp import attention_jvp_reference
-
-        return attention_jvp_reference
+    """The attention-JVP implementation for "blockwise" or "triton" (the O(L^2) "reference" lives in
+    `diffdiv.models.jvp`)."""
     if name == "blockwise":
         return attention_jvp_blockwise
     if name == "triton":
@@ -364,6 +361,6 @@ def attention_jvp_fn(name: str) -> Callable[..., tuple[Tensor, Tensor]]:
 def auto_attention_jvp(q: Tensor, k: Tensor, v: Tensor, tq: Tensor | None, tk: Tensor | None, tv: Tensor | None,
                        attn_mask: Tensor | None = None, is_causal: bool = False,
                        scale: float | None = None) -> tuple[Tensor, Tensor]:
-    """The "auto" attention JVP: decides per call with `resolve_attention_jvp("auto", q)`."""
+    """The "auto" attention JVP: decides per call with `resolve_attention_jvp("auto", q)` (never "reference")."""
     fn = attention_jvp_fn(resolve_attention_jvp("auto", q))
     return fn(q, k, v, tq, tk, tv, attn_mask=attn_mask, is_causal=is_causal, scale=scale)
