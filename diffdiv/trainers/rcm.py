@@ -63,6 +63,7 @@ class RCMConfig(DistillConfig):
     scm_weight: float = 100.0  # rCM loss_scale (sum over elements)
     scm_x0: Literal["auto", "data", "student"] = "auto"  # x0 of the sCM points: real data or student samples
     jvp: Literal["forward", "forward_math", "fd"] = "forward"
+    attention_jvp: Literal["auto", "reference", "blockwise", "triton"] = "auto"  # jvp: forward (attention_jvp.py)
     fd_h: float = 3e-4
     dmd_weight: float = 1.0  # 0 = plain sCM (no critic)
     dmd_start: int | None = None  # default: tangent_warmup
@@ -216,7 +217,8 @@ class RCMTrainer(DistillTrainer):
 
         cs = torch.cos(t) * torch.sin(t)
         with torch.autocast(device_type=self.device.type, enabled=False):
-            _, jvp_F = jvp(F_student, (x_t, t), (bcast(cs, x_t) * dxt_dt, cs), method=cfg.jvp, fd_h=cfg.fd_h)
+            _, jvp_F = jvp(F_student, (x_t, t), (bcast(cs, x_t) * dxt_dt, cs), method=cfg.jvp, fd_h=cfg.fd_h,
+                           attention=cfg.attention_jvp)
         return x_t, t, dxt_dt.float(), jvp_F.float()
 
     def student_loss(self) -> tuple[Tensor, dict[str, float]]:
