@@ -962,7 +962,7 @@ def candidate_scenarios(recipe: Recipe, base: Scenario) -> Iterator[Scenario]:
     yield both
     for s in (both, r(both, lora=True)):
         b, a = s.batch_size, s.grad_accum
-        while b % 2 == 0 and b // 2 >= s.gpus:
+        while b % 2 == 0 and (b // 2) % s.gpus == 0:
             b, a = b // 2, a * 2
             yield r(s, batch_size=b, grad_accum=a)
         if s is both:
@@ -1042,6 +1042,9 @@ def format_plan(recipe: Recipe, plans: list[Plan], fit: Plan | None, base: Scena
         lines.append(f"prompt file not found: its cache is not counted ({recipe.prompt_bytes / 1e3:.0f} KB per prompt)")
     for note in recipe.notes:
         lines.append(f"note: {note}")
+    if recipe.batch_size % base.gpus:
+        lines.append(f"note: batch_size {recipe.batch_size} is not divisible by {base.gpus} GPUs (the trainers refuse "
+                     f"it); planned with local batch {base.local_batch}")
     if fit is None:
         lines.append(f"does not fit on {base.gpus} x {plans[0].gpu_mem_gb:g} GB with any planned switch")
     elif fit.scenario == base:
