@@ -1,4 +1,4 @@
-"""`diffdiv` console entry: sample, eval, info."""
+"""`diffdiv` console entry: sample, eval, info, plan."""
 
 from __future__ import annotations
 
@@ -50,6 +50,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     i = sub.add_parser("info", help="describe a model folder", exit_on_error=False)
     i.add_argument("--model", required=True)
+
+    pl = sub.add_parser("plan", help="memory per GPU of a recipe (weights, grads, AdamW, EMA, activations)",
+                        exit_on_error=False)
+    pl.add_argument("--config", required=True, help="recipe YAML")
+    pl.add_argument("--gpus", type=_positive("--gpus"), default=8)
+    pl.add_argument("--gpu-mem-gb", type=float, default=80.0)
+    pl.add_argument("--arch", default=None, help="stored architecture (diffdiv/models/arch) if the path names none")
+    pl.add_argument("--json", action="store_true", help="print the plan as JSON")
 
     sub.add_parser("eval", help="evaluate models (FID, precision/recall, rewards); see `diffdiv eval -h`",
                    add_help=False)
@@ -136,6 +144,13 @@ def cmd_info(args: argparse.Namespace) -> None:
     print(json.dumps({"pipeline": index.get("_class_name"), "components": comps, "diffdiv": meta}, indent=2))
 
 
+def cmd_plan(args: argparse.Namespace) -> None:
+    from diffdiv.plan import run_plan
+
+    out = run_plan(args.config, args.gpus, args.gpu_mem_gb, args.arch)
+    print(json.dumps(out, indent=1) if args.json else out["text"])
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] == "eval":
@@ -152,6 +167,8 @@ def main(argv: list[str] | None = None) -> int:
             cmd_sample(args)
         elif args.command == "info":
             cmd_info(args)
+        elif args.command == "plan":
+            cmd_plan(args)
         return 0
     except (ConfigError, argparse.ArgumentError) as e:
         print(f"error: {e}", file=sys.stderr, flush=True)

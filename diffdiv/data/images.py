@@ -1,11 +1,14 @@
-"""Users' own images from a folder, as tensors in [-1, 1]."""
+"""Users' own images from a folder, as tensors in [-1, 1]: loaded whole (small sets) or streamed (large ones)."""
 
 from __future__ import annotations
 
+import math
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import torch
+from torch.utils.data import DataLoader, Sampler
 
 from diffdiv.config import ConfigError
 
@@ -56,6 +59,66 @@ def load_image_folder(folder: str | Path, size: int, channels: int = 3, limit: i
     """All images of a folder (recursively) -> (N, C, size, size) in [-1, 1]."""
     files = list_images(folder)[:limit]
     return torch.stack([load_image(f, size, channels) for f in files])
+
+
+def folder_bytes(num_images: int, size: int, channels: int) -> int:
+    """Bytes of a folder decoded into memory as float32 (N, C, size, size)."""
+    return num_images * channels * size * size * 4
+
+
+class ImageFolderDataset(torch.utils.data.Dataset):
+    """A torch Dataset over image files: each item decoded and resized when asked for, nothing cached."""
+
+    def __init__(self, files: list[Path], size: int, channels: int = 3):
+        self.files = list(files)
+        self.size = size
+        self.channels = channels
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        return load_image(self.files[i], self.size, self.channels)
+
+
+class CurrentIndices(Sampler):
+    """A batch sampler over the indices set for the next pass, split into `chunks` parts (one per worker)."""
+
+    def __init__(self, chunks: int = 1):
+        self.indices: list[int] = []
+        self.chunks = max(1, chunks)
+
+    def __iter__(self) -> Iterator[list[int]]:
+        idx = list(self.indices)
+        step = max(1, math.ceil(len(idx) / self.chunks))
+        for k in range(0, len(idx), step):
+            yield idx[k:k + step]
+
+    def __len__(self) -> int:
+        return min(self.chunks, len(self.indices))
+
+
+class StreamingImages:
+    """Decode given indices of an image folder through a DataLoader with (persistent) workers.
+
+    Only the images of the batch being loaded exist in memory; the indices come from the caller (the
+    trainer's shared generator), so every rank and every world size sees the same images."""
+
+    def __init__(self, files: list[Path], size: int, channels: int = 3, num_workers: int = 2):
+        self.dataset = ImageFolderDataset(files, size, channels)
+        self.sampler = CurrentIndices(num_workers)
+        self.loader = DataLoader(self.dataset, batch_sampler=self.sampler, num_workers=num_workers,
+                                 persistent_workers=num_workers > 0, collate_fn=torch.stack)
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def load(self, indices: torch.Tensor | list[int]) -> torch.Tensor:
+        """(len(indices), C, size, size) in [-1, 1], in the order given."""
+        self.sampler.indices = [int(i) for i in indices]
+        if not self.sampler.indices:
+            return torch.empty(0, self.dataset.channels, self.dataset.size, self.dataset.size)
+        return torch.cat(list(self.loader))
 
 
 def save_image_grid(images: torch.Tensor, path: str | Path, nrow: int | None = None) -> None:

@@ -108,7 +108,7 @@ class TeacherTrainer(Trainer):
 
     def loss(self, phase: str, micro: int) -> tuple[Tensor, dict[str, float]]:
         cfg = self.cfg
-        x0 = self.local(self.data.batch(cfg.batch_size, self.rng))
+        x0 = self.data.local_batch(cfg.batch_size, self.rng, self.rank, self.world).to(self.device)
         sched = self.model.schedule
         t = sched.t_min + (sched.t_max - sched.t_min) * self.rand()
         eps = self.randn(*x0.shape[1:])
