@@ -730,7 +730,7 @@ def read_recipe(path: str | Path, arch_name: str | None = None) -> Recipe:
         if shape == "uni_instruct":
             cfg_on = float((cfg.get("teacher") or {}).get("guidance_scale", 1.0)) != 1.0
             gen_fw += [Forward("trainable", 2.0 if cfg_on else 1.0), Forward("trainable")]  # teacher (CFG), fake
-        phases = {"gen": gen_fw, "critic": [Forward("trainable", count=2 if gan_on else 1)]}
+        phases = {"student": gen_fw, "fake_score": [Forward("trainable", count=2 if gan_on else 1)]}
         full = [student("generator", False, ema)] + nets
         lora = [student("generator", True, ema)] + nets
     elif shape == "rcm":
@@ -740,7 +740,7 @@ def read_recipe(path: str | Path, arch_name: str | None = None) -> Recipe:
             nets.append(Net("fake score", p_train, trained=True, unit_params=unit))
         phases = {"student": [Forward("trainable", 2.0 if dmd else 1.0)]}  # sCM and DMD points in one forward
         if dmd:
-            phases["fake"] = [Forward("trainable")]
+            phases["fake_score"] = [Forward("trainable")]
         full = [student("student", False, ema)] + nets
         lora = [student("student", True, ema)] + nets
         notes.append("rCM: the JVP runs without grad (transient, not counted)")
@@ -750,7 +750,7 @@ def read_recipe(path: str | Path, arch_name: str | None = None) -> Recipe:
         gen_fw = [Forward("trainable")]
         if reward_grad and float(cfg.get("reward_weight", 1.0)) > 0:
             gen_fw += [Forward("vae", checkpointable=False), Forward("reward", checkpointable=False)]
-        phases = {"gen": gen_fw, "fake": [Forward("trainable")]}
+        phases = {"student": gen_fw, "fake_score": [Forward("trainable")]}
         full = [student("generator", False, False)] + nets
         lora = [student("generator", True, False)] + nets
     else:  # dpok, ipro, rocm: policy = pretrained model (+ LoRA); reference = adapters off, or a frozen clone
