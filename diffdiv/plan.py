@@ -142,7 +142,7 @@ def count_params(module: nn.Module) -> int:
 
 def lora_targets(module: nn.Module) -> list[str]:
     """The LoRA target suffixes the trainers use by default (attention projections)."""
-    from diffdiv.trainers.reward_base import default_lora_targets
+    from diffdiv.models.lora import default_lora_targets
 
     return default_lora_targets(module)
 
