@@ -8,6 +8,8 @@ plain diffusers (`pipe.load_lora_weights(dir)`) for SD-family pipelines, in peft
 from __future__ import annotations
 
 import contextlib
+import re
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -56,22 +58,24 @@ def lora_peft_config(net: nn.Module, cfg: LoRAConfig):
                       lora_dropout=cfg.dropout, target_modules=targets, init_lora_weights=True)
 
 
-def add_lora(net: nn.Module, cfg: LoRAConfig) -> list[nn.Parameter]:
-    """Inject LoRA adapters into `net` in place; freeze everything else; return the adapter parameters."""
+def add_lora(net: nn.Module, cfg: LoRAConfig, adapter_name: str = "default") -> list[nn.Parameter]:
+    """Inject LoRA adapter `adapter_name` into `net` in place; freeze everything else; return its parameters."""
     from diffusers.loaders.peft import PeftAdapterMixin
     from peft import inject_adapter_in_model
 
     config = lora_peft_config(net, cfg)
     try:
-        if isinstance(net, PeftAdapterMixin):
-            net.add_adapter(config)
-        else:
-            inject_adapter_in_model(config, net)
-            net._diffdiv_lora_config = config
+        with warnings.catch_warnings():  # a second adapter (LoRA students) is intended
+            warnings.filterwarnings("ignore", message="Already found a `peft_config`")
+            if isinstance(net, PeftAdapterMixin):
+                net.add_adapter(config, adapter_name=adapter_name)
+            else:
+                inject_adapter_in_model(config, net, adapter_name=adapter_name)
+                net.diffdiv_lora_configs = {**getattr(net, "diffdiv_lora_configs", {}), adapter_name: config}
     except ValueError as e:
         raise ConfigError(f"lora: cannot add adapters ({e})") from None
     net.requires_grad_(False)
-    params = [p for n, p in net.named_parameters() if "lora_" in n]
+    params = adapter_params(net, adapter_name)
     if not params:
         raise ConfigError(f"lora: target_modules {config.target_modules} matched no layer")
     for p in params:
@@ -79,11 +83,83 @@ def add_lora(net: nn.Module, cfg: LoRAConfig) -> list[nn.Parameter]:
     return params
 
 
-def lora_config_of(net: nn.Module):
-    cfg = getattr(net, "peft_config", None)
+def adapter_params(net: nn.Module, adapter_name: str = "default") -> list[nn.Parameter]:
+    """The LoRA parameters of one adapter (peft names them `...lora_A.<adapter>.weight`)."""
+    tag = re.compile(rf"\.lora_\w+\.{re.escape(adapter_name)}\.")
+    return [p for n, p in net.named_parameters() if tag.search(f".{n}")]
+
+
+def use_adapter(net: nn.Module, adapter_name: str | None) -> None:
+    """Make `adapter_name` the active LoRA adapter of every layer (None: adapters off, the base network);
+    requires_grad flags are left as they were (peft's own switch would change them)."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    flags = [(p, p.requires_grad) for p in net.parameters()]
+    for m in net.modules():
+        if isinstance(m, BaseTunerLayer):
+            m.enable_adapters(adapter_name is not None)
+            if adapter_name is not None:
+                m.set_adapter(adapter_name)
+    for p, f in flags:
+        p.requires_grad_(f)
+
+
+class AdapterView(Denoiser):
+    """One role of a Denoiser whose network carries several LoRA adapters on one shared frozen base.
+
+    Calls run `base` with adapter `adapter` active (None: every adapter off, i.e. the base model itself), so a
+    LoRA-student run holds one base network: teacher = AdapterView(base, None), student and fake score =
+    AdapterView(base, "student" / "fake_score"). `lora_params` are the view's own trainable parameters.
+    """
+
+    def __init__(self, base: Denoiser, adapter: str | None, guidance_scale: float | None = None,
+                 lora_params: list[nn.Parameter] | None = None):
+        super().__init__()
+        self.base = base
+        self.adapter = adapter
+        self.schedule = base.schedule
+        self.sample_shape = base.sample_shape
+        self.conditional = base.conditional
+        self.guidance_scale = base.guidance_scale if guidance_scale is None else guidance_scale
+        self.lora_params = list(lora_params or [])
+
+    def activate(self) -> None:
+        use_adapter(self.base.trainable, self.adapter)
+
+    def _denoise(self, x_t, t, cond=None):
+        self.activate()
+        return self.base._denoise(x_t, t, cond)
+
+    def features(self, x_t, t, cond=None):
+        self.activate()
+        return self.base.features(x_t, t, cond)
+
+    def uncond_like(self, cond):
+        return self.base.uncond_like(cond)
+
+    def cat_cond(self, a, b):
+        return self.base.cat_cond(a, b)
+
+    def encode_prompts(self, prompts):
+        return self.base.encode_prompts(prompts)
+
+    @property
+    def trainable(self) -> nn.Module:
+        return self.base.trainable
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(self._modules["base"], name)
+
+
+def lora_config_of(net: nn.Module, adapter_name: str | None = None):
+    """The peft LoraConfig of an adapter (the first one if that name is not there)."""
+    cfg = getattr(net, "peft_config", None) or getattr(net, "diffdiv_lora_configs", None)
     if isinstance(cfg, dict) and cfg:
-        return next(iter(cfg.values()))
-    return getattr(net, "_diffdiv_lora_config", None)
+        return cfg.get(adapter_name) or next(iter(cfg.values()))
+    return None
 
 
 def has_lora(net: nn.Module) -> bool:
@@ -120,7 +196,7 @@ def merge_lora_(net: nn.Module) -> nn.Module:
             parent_name, _, child = name.rpartition(".")
             parent = net.get_submodule(parent_name) if parent_name else net
             setattr(parent, child, module.get_base_layer())
-    for attr in ("peft_config", "_diffdiv_lora_config"):
+    for attr in ("peft_config", "diffdiv_lora_configs"):
         if hasattr(net, attr):
             delattr(net, attr)
     if hasattr(net, "_hf_peft_config_loaded"):
@@ -128,22 +204,26 @@ def merge_lora_(net: nn.Module) -> nn.Module:
     return net
 
 
-def merged_copy(model: Denoiser) -> Denoiser:
-    """A copy of a Denoiser with its LoRA merged into plain weights (frozen parts stay shared)."""
+def merged_copy(model: Denoiser, adapter_name: str | None = None) -> Denoiser:
+    """A copy of a Denoiser with its (or one named) LoRA adapter merged into plain weights; other adapters are
+    dropped; frozen parts stay shared."""
     out = model.clone()
+    if adapter_name is not None:
+        use_adapter(out.trainable, adapter_name)
     merge_lora_(out.trainable)
     return out
 
 
-def save_lora(model: Denoiser, out_dir: str | Path) -> Path:
+def save_lora(model: Denoiser, out_dir: str | Path, adapter_name: str = "default") -> Path:
     """LoRA weights: diffusers format for SD-family pipelines, peft format (adapter_model.safetensors) otherwise."""
     from peft import get_peft_model_state_dict
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     net = model.trainable
-    config = lora_config_of(net)
-    state = {k: v.detach().cpu().contiguous() for k, v in get_peft_model_state_dict(net).items()}
+    config = lora_config_of(net, adapter_name)
+    state = {k: v.detach().cpu().contiguous()
+             for k, v in get_peft_model_state_dict(net, adapter_name=adapter_name).items()}
     pipe_name = getattr(model, "pipeline_cls_name", None)
     if pipe_name is not None:
         import diffusers
@@ -184,5 +264,5 @@ def load_lora(model: Denoiser, lora_dir: str | Path) -> Denoiser:
     res = set_peft_model_state_dict(net, state)
     if getattr(res, "unexpected_keys", None):
         raise ConfigError(f"LoRA weights in {d} do not match the model (unexpected keys)")
-    net._diffdiv_lora_config = config
+    net.diffdiv_lora_configs = {"default": config}
     return model

@@ -56,6 +56,8 @@ class DIStarConfig(DistillConfig, RewardFields):
         check(self.frames == 0, "DI* works on images: frames must be 0")
         check(self.huber_c is None or self.huber_c > 0, "huber_c must be > 0")
         check(self.ref_steps >= 1, "ref_steps must be >= 1")
+        check(not self.student.lora.enabled, "DI*: LoRA on the generator is `lora.enabled` (student.lora is for "
+              "the distillation trainers)")
 
 
 class DIStarTrainer(DistillTrainer):

@@ -20,6 +20,7 @@ from diffdiv.data.config import DataConfig, Dataset
 from diffdiv.eval.training import evaluate_model, evaluate_model_steps
 from diffdiv.models.base import Denoiser
 from diffdiv.models.gmm import GaussianMixtureTeacher
+from diffdiv.models.lora import AdapterView, LoRAConfig, add_lora, merged_copy, save_lora
 from diffdiv.models.nets import MLPNet, NetDenoiser, OneStepGenerator
 from diffdiv.models.spec import TeacherConfig, build_teacher
 from diffdiv.trainers.base import TrainConfig, Trainer, check_lr
@@ -37,6 +38,9 @@ class StudentConfig:
     pretrain_steps: int = 600
     pretrain_lr: float = 2e-3
     path: str | None = None  # optional: initialize the student from another pipeline folder
+    # LoRA students (as DMD2 / LCM-LoRA): student and fake score are peft adapters on one shared frozen base
+    # (the teacher's own network, adapters off for teacher calls); export: a diffusers LoRA + the fused student
+    lora: LoRAConfig = field(default_factory=lambda: LoRAConfig(enabled=False))
 
     def validate(self) -> None:
         check(self.hidden > 0 and self.depth > 0, "student.hidden and student.depth must be positive")
@@ -136,12 +140,29 @@ class DistillTrainer(Trainer):
         self.sample_shape = tuple(self.teacher.sample_shape)
         self.conds = Conditions(cfg.cond, self.teacher)
 
-    def make_student(self) -> Denoiser:
-        """A trainable copy of the base denoiser."""
-        s = self.base.clone()
-        s.requires_grad_(True)
-        s.train()
-        return s
+    def make_student(self, role: str = "student") -> Denoiser:
+        """A trainable copy of the base denoiser; with `student.lora` a LoRA adapter `role` on the shared base
+        (an `AdapterView` whose `lora_params` are what trains; see `trainable_params`)."""
+        lora = self.cfg.student.lora
+        if not lora.enabled:
+            s = self.base.clone()
+            s.requires_grad_(True)
+            s.train()
+            return s
+        if self.base is self.teacher:  # the teacher's network now carries adapters: teacher calls switch them off
+            self.base = self.teacher
+            self.teacher = self.frozen["teacher"] = AdapterView(self.base, None).eval()
+        params = add_lora(self.base.trainable, lora, adapter_name=role)
+        return AdapterView(self.base, role, lora_params=params)
+
+    def frozen_base(self) -> Denoiser:
+        """The base network as a frozen model (with LoRA students: its adapters switched off)."""
+        return AdapterView(self.base, None) if self.cfg.student.lora.enabled else self.base
+
+    @staticmethod
+    def trainable_params(student: Denoiser) -> list | None:
+        """The parameters a network built by `make_student` trains (None: all of them)."""
+        return student.lora_params if isinstance(student, AdapterView) else None
 
     def one_step_generator(self, student: Denoiser) -> OneStepGenerator:
         return OneStepGenerator(student, self.cfg.student.t_init)
@@ -171,6 +192,12 @@ class DistillTrainer(Trainer):
                        extra: dict[str, Any] | None = None) -> Path:
         from diffdiv.models.loading import save_denoiser
 
+        if isinstance(student, AdapterView):  # LoRA student: the adapter as a diffusers LoRA, plus the fused model
+            save_lora(student.base, out_dir / "student_lora", adapter_name=student.adapter)
+            extra = {**(extra or {}), "lora": "student_lora", "lora_base": self.cfg.teacher.path}
+            fused = merged_copy(student.base, student.adapter)
+            fused.guidance_scale = student.guidance_scale
+            student = fused
         meta = {"kind": kind, "default_steps": 1, "method": self.name}
         if kind == "one_step":
             meta["t_init"] = OneStepGenerator(student, self.cfg.student.t_init).t_init

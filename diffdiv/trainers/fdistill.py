@@ -135,8 +135,9 @@ class FDistillTrainer(DistillTrainer):
         torch.manual_seed(cfg.seed)
         student = self.make_student()
         student.guidance_scale = 1.0  # CFG is distilled into the student, never applied to it
-        self.student = self.add_network("student", student, lr=cfg.lr_gen, betas=tuple(cfg.betas), ema=True)
-        fake = self.make_student()
+        self.student = self.add_network("student", student, lr=cfg.lr_gen, betas=tuple(cfg.betas), ema=True,
+                                        params=self.trainable_params(student))
+        fake = self.make_student("fake_score")
         fake.guidance_scale = 1.0  # the fake score models q_t itself (no guidance)
         self.t_init = self.one_step_generator(student).t_init
         heads = None
@@ -145,7 +146,7 @@ class FDistillTrainer(DistillTrainer):
             shapes: list[tuple[int, ...]] = []
             if cfg.gan.features == "teacher":
                 self.feature_net = self.teacher if hasattr(self.teacher, "features") else \
-                    self.add_frozen("feature_teacher", self.base)
+                    self.add_frozen("feature_teacher", self.frozen_base())
             if cfg.gan.features != "input":
                 src = fake if cfg.gan.features == "fake" else self.feature_net
                 if not hasattr(src, "features"):
@@ -153,8 +154,10 @@ class FDistillTrainer(DistillTrainer):
                 shapes = self._probe_features(src)
             with_input = cfg.gan.input_head or cfg.gan.features == "input"
             heads = DiscriminatorHeads(shapes, cfg.gan.head_hidden, self.sample_shape if with_input else None)
-        self.critic = self.add_network("fake_score", Critic(fake, heads, cfg.gan.features == "fake"),
-                                       lr=cfg.lr_fake, betas=tuple(cfg.betas))
+        critic = Critic(fake, heads, cfg.gan.features == "fake")
+        lora_params = self.trainable_params(fake)
+        params = None if lora_params is None else lora_params + ([] if heads is None else list(heads.parameters()))
+        self.critic = self.add_network("fake_score", critic, lr=cfg.lr_fake, betas=tuple(cfg.betas), params=params)
         sch = self.teacher.schedule
         self.bins = None
         if cfg.gan.enabled and cfg.ratio.num_bins > 0:

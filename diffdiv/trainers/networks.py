@@ -32,8 +32,8 @@ def make_network(module: nn.Module, lr: float | None, betas: tuple[float, float]
                  weight_decay: float = 0.0, params: Iterable[nn.Parameter] | None = None,
                  grad_clip: float | None = None, warmup_steps: int = 0, ema_decay: float = 0.0,
                  ema_start: int = 0) -> Network:
-    """AdamW over the trainable `params` (default: all of the module's), optional linear warmup and EMA."""
-    params = [p for p in (params if params is not None else module.parameters()) if p.requires_grad]
+    """AdamW over `params` (default: the module's parameters that require grad), optional linear warmup and EMA."""
+    params = list(params) if params is not None else [p for p in module.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=lr, betas=betas, weight_decay=weight_decay) if lr else None
     net = Network(module=module, optimizer=opt, grad_clip=grad_clip, params=params)
     if opt is not None and warmup_steps > 0:

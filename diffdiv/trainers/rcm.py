@@ -120,14 +120,16 @@ class RCMTrainer(DistillTrainer):
         self.use_data = cfg.scm_x0 == "data" or (cfg.scm_x0 == "auto" and self.data is not None)
         student = self.make_student()
         student.guidance_scale = 1.0
-        self.student = self.add_network("student", student, lr=cfg.lr_gen, betas=tuple(cfg.betas), ema=True)
+        self.student = self.add_network("student", student, lr=cfg.lr_gen, betas=tuple(cfg.betas), ema=True,
+                                        params=self.trainable_params(student))
         self.teacher_view = TrigFlowView(self.teacher, self.sd, sigma_max=cfg.sigma_max)
         self.student_view = TrigFlowView(self.student, self.sd, sigma_max=cfg.sigma_max)
         self.fake_view = None
         if cfg.dmd_weight > 0:
-            fake = self.make_student()
+            fake = self.make_student("fake_score")
             fake.guidance_scale = 1.0
-            self.fake = self.add_network("fake_score", fake, lr=cfg.lr_fake, betas=tuple(cfg.betas))
+            self.fake = self.add_network("fake_score", fake, lr=cfg.lr_fake, betas=tuple(cfg.betas),
+                                         params=self.trainable_params(fake))
             self.fake_view = TrigFlowView(self.fake, self.sd, sigma_max=cfg.sigma_max)
         if cfg.adaptive_weight:
             self.add_network("logvar", AdaptiveWeight(), lr=cfg.lr_logvar, betas=(0.9, 0.999))
