@@ -12,8 +12,8 @@ Reductions over the N elements of a sample (`reduce`):
 - "sum": the exact log-density of the transition and the exact KL of the two Gaussians;
 - "mean": both divided by N (what the reference implementations of DDPO/DPOK do for log-probs); the
   importance ratio exp(mean log-ratio) is then a per-element geometric mean, not the exact ratio.
-The DPOK loss of one transition is  reward_weight * PPO(ratio, A) + kl_weight * KL_t  with both terms
-reduced the same way, so kl_weight means the same thing relative to the policy-gradient term either way.
+The DPOK loss of one transition is  reward_weight * PPO(ratio, A) + div_weight * KL_t  with both terms
+reduced the same way, so div_weight means the same thing relative to the policy-gradient term either way.
 """
 
 from __future__ import annotations
@@ -88,10 +88,10 @@ def ppo_clipped_loss(log_prob: Tensor, old_log_prob: Tensor, advantages: Tensor,
 
 
 def dpok_loss(log_prob: Tensor, old_log_prob: Tensor, advantages: Tensor, kl: Tensor, clip_range: float,
-              reward_weight: float, kl_weight: float) -> tuple[Tensor, dict[str, float]]:
-    """DPOK per-transition loss, batch mean: reward_weight * PPO + kl_weight * KL_t (Algorithm 1)."""
+              reward_weight: float, div_weight: float) -> tuple[Tensor, dict[str, float]]:
+    """DPOK per-transition loss, batch mean: reward_weight * PPO + div_weight * KL_t (Algorithm 1)."""
     pg = ppo_clipped_loss(log_prob, old_log_prob, advantages, clip_range)
-    loss = reward_weight * pg.mean() + kl_weight * kl.mean()
+    loss = reward_weight * pg.mean() + div_weight * kl.mean()
     with torch.no_grad():
         ratio = torch.exp(log_prob - old_log_prob)
         clipfrac = ((ratio - 1.0).abs() > clip_range).float().mean()

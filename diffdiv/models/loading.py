@@ -47,6 +47,20 @@ def read_meta(path: str | os.PathLike) -> dict[str, Any]:
     return json.loads(f.read_text()) if f.is_file() else {}
 
 
+def pipeline_guidance(cls_name: str) -> float:
+    """The CFG scale a diffusers pipeline class applies by default (its `__call__` default, e.g. SD 7.5, SDXL 5.0,
+    SD3 7.0; 1 for unconditional pipelines)."""
+    import inspect
+
+    import diffusers
+
+    pipe_cls = getattr(diffusers, cls_name, None)
+    if pipe_cls is None or cls_name not in TEXT2IMG_PIPELINES:
+        return 1.0
+    param = inspect.signature(pipe_cls.__call__).parameters.get("guidance_scale")
+    return float(param.default) if param is not None and isinstance(param.default, (int, float)) else 1.0
+
+
 def load_denoiser(path_or_id: str | os.PathLike, guidance_scale: float | None = None,
                   torch_dtype: torch.dtype | None = None, allow_pickle: bool = False, **kwargs: Any) -> Denoiser:
     """A diffusers pipeline (folder or hub id) -> Denoiser.

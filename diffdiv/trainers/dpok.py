@@ -231,9 +231,12 @@ class DPOKTrainer(RewardTrainer):
         x0 = self.net("policy")(x_t, t.float(), cond)
         mean = ddim_step_mean(x_t, x0.to(x_t.dtype), a_t, s_t, c_x0, c_eps)
         log_prob = gaussian_log_prob(mb["x_s"], mean, std, cfg.reduce)
-        with torch.no_grad(), self.reference() as ref:
-            x0_ref = ref(x_t, t.float(), cond)
-        kl = step_kl_from_x0(x0.float(), x0_ref.float(), ddim_mean_x0_coef(a_t, s_t, c_x0, c_eps), std, cfg.reduce)
+        kl = torch.zeros_like(log_prob)
+        if cfg.div_weight > 0:  # the reference forward only when the KL is weighted
+            with torch.no_grad(), self.reference() as ref:
+                x0_ref = ref(x_t, t.float(), cond)
+            kl = step_kl_from_x0(x0.float(), x0_ref.float(), ddim_mean_x0_coef(a_t, s_t, c_x0, c_eps), std,
+                                 cfg.reduce)
         adv = mb["adv"].float()
         parts_extra: dict[str, float] = {}
         if cfg.value_baseline:

@@ -59,7 +59,8 @@ class IPROTrainer(RewardTrainer):
         z = self.initial_noise(n) * self.x_scale
         noises = self.step_noises(n, cfg.steps) if cfg.eta > 0 else None
         out = ddim_chain(self.policy_fn(cond), z, self.times, self.policy.schedule, cfg.eta, noises,
-                         grad_steps=cfg.grad_steps, ref_denoise=self.ref_fn(cond), kl_eta=cfg.kl_eta,
+                         grad_steps=cfg.grad_steps, ref_denoise=self.ref_fn(cond) if cfg.div_weight > 0 else None,
+                         kl_eta=cfg.kl_eta,
                          kl_on="grad", reduce=cfg.reduce, checkpoint=cfg.grad_checkpointing,
                          ref_grad=cfg.ref_grad)
         rewards = self.rewards.score(out.x, idx)

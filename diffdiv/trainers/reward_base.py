@@ -114,10 +114,17 @@ class RewardTrainer(Trainer):
 
     # --- building ---------------------------------------------------------------------------------
     def load_model(self) -> Denoiser:
-        from diffdiv.models.loading import load_denoiser
+        from diffdiv.models.hub import read_model_index
+        from diffdiv.models.loading import load_denoiser, pipeline_guidance, read_meta
         from diffdiv.models.spec import torch_dtype
 
         m = self.cfg.model
+        if m.guidance_scale is None and "guidance_scale" not in read_meta(m.path):
+            cls = read_model_index(m.path).get("_class_name", "")
+            if pipeline_guidance(cls) != 1.0:
+                self.print(f"note: model.guidance_scale is not set and {m.path} has no diffdiv.json: sampling "
+                           f"without CFG (guidance 1); {cls} applies {pipeline_guidance(cls):g} by default "
+                           "(set model.guidance_scale to the scale the pipeline is used with)")
         return load_denoiser(m.path, guidance_scale=m.guidance_scale,
                              torch_dtype=torch_dtype(m.dtype) if m.dtype != "float32" else None)
 

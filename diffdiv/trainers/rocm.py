@@ -86,7 +86,7 @@ class ROCMTrainer(RewardTrainer):
         cond = self.rewards.per_frame(cond)
         z = self.initial_noise(n)
         noises = self.step_noises(n, cfg.steps - 1)
-        out = self.chain(self.policy_fn(cond), z, noises, self.ref_fn(cond))
+        out = self.chain(self.policy_fn(cond), z, noises, self.ref_fn(cond) if cfg.div_weight > 0 else None)
         rewards = self.rewards.score(out.x0, idx)
         loss, parts = rocm_loss(rewards, self.per_sample(out.div), cfg.reward_weight, cfg.div_weight)
         parts["kl"] = float(out.kl.mean())
