@@ -494,21 +494,24 @@ def tiny_unet_saved(latent: int) -> ActivationCount:
     return saved_activation_bytes(meta, meta_forward(meta, arch, CALIB_BATCH))
 
 
+def calibration_point(latent: int, with_checkpointing: bool = False) -> CalibrationPoint:
+    """S (meta count) and measured CPU peaks of the tiny UNet's training step at one latent size."""
+    s = tiny_unet_saved(latent)
+    model, fwd = tiny_unet_step(latent)
+    p32 = measure_step_peak(model, fwd)
+    pamp = measure_step_peak(model, fwd, amp=torch.bfloat16)
+    pck = None
+    if with_checkpointing:
+        model.enable_gradient_checkpointing()
+        pck = measure_step_peak(model, fwd)
+        model.disable_gradient_checkpointing()
+    return CalibrationPoint(latent, s.total, s.checkpointed, p32, pamp, pck)
+
+
 @functools.cache
 def calibrate(with_checkpointing: bool = False, resolutions: tuple[int, ...] = CALIB_RESOLUTIONS) -> Calibration:
-    """Measure the tiny UNet's peak at CALIB_RESOLUTIONS (fp32 and bf16 autocast) and fit peak = a + k S."""
-    points = []
-    for latent in resolutions:
-        s = tiny_unet_saved(latent)
-        model, fwd = tiny_unet_step(latent)
-        p32 = measure_step_peak(model, fwd)
-        pamp = measure_step_peak(model, fwd, amp=torch.bfloat16)
-        pck = None
-        if with_checkpointing:
-            model.enable_gradient_checkpointing()
-            pck = measure_step_peak(model, fwd)
-            model.disable_gradient_checkpointing()
-        points.append(CalibrationPoint(latent, s.total, s.checkpointed, p32, pamp, pck))
+    """Measure the tiny UNet's peak at `resolutions` (fp32 and bf16 autocast) and fit peak = a + k S."""
+    points = [calibration_point(latent, with_checkpointing) for latent in resolutions]
     xs = [float(p.saved) for p in points]
     k32, a32 = fit_line(xs, [float(p.peak_fp32) for p in points])
     kamp, aamp = fit_line(xs, [float(p.peak_amp) for p in points])
@@ -949,26 +952,29 @@ def overrides(recipe: Recipe, base: Scenario, s: Scenario) -> list[str]:
 
 
 def candidate_scenarios(recipe: Recipe, base: Scenario) -> Iterator[Scenario]:
-    """Switches in order of preference: frozen nets in bf16 (under mixed precision), checkpointing, FSDP2, both,
-    a smaller micro-batch with more accumulation (same effective batch), LoRA."""
+    """Switch sets from cheapest to dearest: frozen nets in bf16 (under mixed precision), gradient checkpointing,
+    FSDP2, their combinations, a smaller micro-batch with more accumulation (same effective batch), LoRA."""
     r = dataclasses.replace
-    yield base
-    if recipe.mixed_precision != "no" and recipe.frozen_dtype == "float32":
-        base = r(base, frozen_bf16=True)
-        yield base
-    yield r(base, gradient_checkpointing=True)
-    yield r(base, strategy="fsdp2")
-    both = r(base, strategy="fsdp2", gradient_checkpointing=True)
-    yield both
-    for s in (both, r(both, lora=True)):
-        b, a = s.batch_size, s.grad_accum
-        while b % 2 == 0 and (b // 2) % s.gpus == 0:
-            b, a = b // 2, a * 2
-            yield r(s, batch_size=b, grad_accum=a)
-        if s is both:
-            yield r(base, lora=True)
-            yield r(base, lora=True, gradient_checkpointing=True)
-            yield r(both, lora=True)
+    bf16 = [False, True] if recipe.mixed_precision != "no" and recipe.frozen_dtype == "float32" else [False]
+    for strategy in ("ddp", "fsdp2") if base.strategy == "ddp" else ("fsdp2",):
+        for gc in (False, True):
+            for b16 in bf16:
+                yield r(base, strategy=strategy, gradient_checkpointing=gc or base.gradient_checkpointing,
+                        frozen_bf16=b16)
+    most = r(base, strategy="fsdp2", gradient_checkpointing=True, frozen_bf16=bf16[-1])
+    yield from _halved(most)
+    for gc in (False, True):
+        yield r(base, lora=True, gradient_checkpointing=gc or base.gradient_checkpointing, frozen_bf16=bf16[-1])
+    yield r(most, lora=True)
+    yield from _halved(r(most, lora=True))
+
+
+def _halved(s: Scenario) -> Iterator[Scenario]:
+    """Half the micro-batch, twice the accumulation, while the batch still splits evenly over the GPUs."""
+    b, a = s.batch_size, s.grad_accum
+    while b % 2 == 0 and (b // 2) % s.gpus == 0:
+        b, a = b // 2, a * 2
+        yield dataclasses.replace(s, batch_size=b, grad_accum=a)
 
 
 def find_fit(recipe: Recipe, base: Scenario, gpu_mem_gb: float, cal: Calibration) -> Plan | None:
