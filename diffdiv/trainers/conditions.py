@@ -9,6 +9,9 @@ import torch
 from torch import Tensor
 
 from diffdiv.config import ConfigError
+from diffdiv.data.prompts import PromptBank
+
+MAX_ENCODED = 4096  # prompt lists up to this size are encoded once and held; larger ones encode on demand
 
 
 @dataclass
@@ -65,9 +68,13 @@ class Conditions:
         return [str(i) for i in range(self.num_labels)] if self.num_labels else None
 
     def encoded(self) -> Any:
+        """Every prompt encoded (one call; prompt files above `MAX_ENCODED` prompts go through a PromptBank)."""
         if self.cache is None:
             with torch.no_grad():
-                self.cache = self.encoder.encode_prompts(self.prompts)
+                if len(self.prompts) > MAX_ENCODED:
+                    self.cache = PromptBank(self.prompts, self.encoder.encode_prompts)
+                else:
+                    self.cache = self.encoder.encode_prompts(self.prompts)
         return self.cache
 
     def encode(self, idx: Tensor | None, device: torch.device | str = "cpu") -> Any:
@@ -76,7 +83,8 @@ class Conditions:
             return None
         if self.num_labels:
             return idx.to(device)
-        return self.encoded()[idx.cpu()].to(device)
+        with torch.no_grad():
+            return self.encoded()[idx.cpu()].to(device)
 
     def texts(self, idx: Tensor | None) -> list[str] | None:
         names = self.labels

@@ -185,7 +185,7 @@ class DistillTrainer(Trainer):
         """This rank's slice of a global batch of real data (for GAN terms)."""
         if self.data is None:
             raise ConfigError("this method needs real data: set the `data` section")
-        return self.local(self.data.batch(self.cfg.batch_size, self.rng)).to(self.device)
+        return self.data.local_batch(self.cfg.batch_size, self.rng, self.rank, self.world).to(self.device)
 
     # ------------------------------------------------------------------ export / eval
     def export_student(self, student: Denoiser, out_dir: Path, kind: str = "one_step",

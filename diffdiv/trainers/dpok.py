@@ -147,7 +147,7 @@ class DPOKTrainer(RewardTrainer):
             return 0
         if self.conds.num_labels:
             return self.conds.num_labels
-        return int(self.conds.encoded().embeds.shape[-1])
+        return int(self.conds.encode(torch.zeros(1, dtype=torch.long)).embeds.shape[-1])
 
     def cond_features(self, idx: Tensor | None) -> Tensor | None:
         if idx is None or not self.conds.count:
