@@ -152,23 +152,25 @@ def write_json_atomic(path: str | os.PathLike, data: Any) -> None:
     os.replace(tmp, path)
 
 
-def save_denoiser(denoiser: Denoiser, path: str | os.PathLike, meta: dict[str, Any] | None = None) -> Path:
-    """Save a Denoiser as a diffusers pipeline folder (+ diffdiv.json), atomically."""
+def save_denoiser(denoiser: Denoiser, path: str | os.PathLike, meta: dict[str, Any] | None = None,
+                  scheduler: Any = None) -> Path:
+    """Save a Denoiser as a diffusers pipeline folder (+ diffdiv.json), atomically; `scheduler` replaces the
+    model's own (students: `diffdiv.models.export.prepare_student_export`)."""
     meta = dict(meta or {})
     meta.setdefault("kind", "diffusion")
     meta.setdefault("guidance_scale", float(getattr(denoiser, "guidance_scale", 1.0)))
 
     def write(tmp: Path) -> None:
         if isinstance(denoiser, UNetDenoiser):
-            sch = DDIMScheduler.from_config(denoiser.scheduler_config) if denoiser.scheduler_cls is None \
-                else denoiser.make_scheduler()
+            sch = scheduler if scheduler is not None else DDIMScheduler.from_config(denoiser.scheduler_config) \
+                if denoiser.scheduler_cls is None else denoiser.make_scheduler()
             DDPMPipeline(unet=denoiser.unet, scheduler=sch).save_pretrained(tmp, safe_serialization=True)
         elif isinstance(denoiser, NetDenoiser):
             sch = _scheduler_for(denoiser.schedule)
             meta.setdefault("sigma_data", denoiser.sigma_data)
             MLPPipeline(net=denoiser.net, scheduler=sch).save_pretrained(tmp, safe_serialization=True)
         elif hasattr(denoiser, "save_pipeline"):
-            denoiser.save_pipeline(tmp)
+            denoiser.save_pipeline(tmp, scheduler=scheduler)
         else:
             raise TypeError(f"cannot save {type(denoiser).__name__} as a pipeline")
         (tmp / META_FILE).write_text(json.dumps(meta, indent=2))

@@ -208,13 +208,15 @@ class DistillTrainer(Trainer):
     # ------------------------------------------------------------------ export / eval
     def export_student(self, student: Denoiser, out_dir: Path, kind: str = "one_step",
                        extra: dict[str, Any] | None = None) -> Path:
+        from diffdiv.models.export import prepare_student_export
         from diffdiv.models.loading import save_denoiser
 
         meta = {"kind": kind, "default_steps": 1, "method": self.name}
         if kind == "one_step":
             meta["t_init"] = OneStepGenerator(student, self.cfg.student.t_init).t_init
         meta.update(extra or {})
-        return save_denoiser(student, out_dir / "student", meta)
+        scheduler, meta = prepare_student_export(student, meta)  # stock diffusers samples it like diffdiv
+        return save_denoiser(student, out_dir / "student", meta, scheduler=scheduler)
 
     def evaluate_student(self, student: Denoiser, steps_list: tuple[int, ...] = (1,), kind: str = "consistency",
                          times: dict[int, list[float]] | None = None) -> dict[str, float]:
