@@ -22,6 +22,7 @@ would apply CFG again); stock pipelines cannot default that, so it is stored in 
 
 from __future__ import annotations
 
+import inspect
 from typing import Any
 
 import torch
@@ -72,6 +73,12 @@ def alpha_sigma_at(denoiser: Denoiser, t: float) -> tuple[float, float]:
     return float(a), float(s)
 
 
+def config_for(cls: type, cfg: dict[str, Any], **settings: Any) -> Any:
+    """`cls` built from the keys of a stored config it takes (no warnings about foreign keys), plus settings."""
+    params = inspect.signature(cls.__init__).parameters
+    return cls.from_config({k: v for k, v in cfg.items() if k in params}, **settings)
+
+
 def student_scheduler(denoiser: Denoiser, kind: str, t0: float) -> Any:
     """The stock scheduler that samples this student like diffdiv (module docstring); None for MLP folders."""
     from diffusers import EulerDiscreteScheduler, FlowMatchEulerDiscreteScheduler, LCMScheduler
@@ -81,24 +88,25 @@ def student_scheduler(denoiser: Denoiser, kind: str, t0: float) -> Any:
     if pipe is None or not cfg:
         return None
     if isinstance(denoiser.schedule, FlowSchedule):
-        return FlowMatchEulerDiscreteScheduler.from_config(
-            cfg, shift=1.0, use_dynamic_shifting=False, stochastic_sampling=True, invert_sigmas=False,
-            shift_terminal=None, use_karras_sigmas=False, use_exponential_sigmas=False, use_beta_sigmas=False)
+        return config_for(
+            FlowMatchEulerDiscreteScheduler, cfg, shift=1.0, use_dynamic_shifting=False, stochastic_sampling=True,
+            invert_sigmas=False, shift_terminal=None, use_karras_sigmas=False, use_exponential_sigmas=False,
+            use_beta_sigmas=False)
     if not isinstance(denoiser.schedule, VPSchedule):
         return None
     pred = getattr(denoiser, "prediction_type", cfg.get("prediction_type", "epsilon"))
     T = int(denoiser.schedule.num_train_timesteps)
     if kind == "one_step" and pipe in SIGMA_PIPELINES:
-        return EulerDiscreteScheduler.from_config(
-            cfg, timestep_spacing="trailing", prediction_type=pred, use_karras_sigmas=False,
+        return config_for(
+            EulerDiscreteScheduler, cfg, timestep_spacing="trailing", prediction_type=pred, use_karras_sigmas=False,
             use_exponential_sigmas=False, use_beta_sigmas=False, timestep_type="discrete", final_sigmas_type="zero",
-            interpolation_type="linear", steps_offset=0)
+            interpolation_type="linear", steps_offset=1)  # trailing ignores the offset; SD pipelines warn unless 1
     n_orig = int(round(t0)) + 1
     if T // n_orig != 1:  # LCM's grid is k * j - 1 with k = T // n: one step at t0 needs k = 1
         n_orig = T
-    return LCMScheduler.from_config(
-        cfg, original_inference_steps=n_orig, timestep_scaling=LCM_NO_BOUNDARY, prediction_type=pred,
-        clip_sample=False, thresholding=False, set_alpha_to_one=True, steps_offset=0, timestep_spacing="leading")
+    return config_for(
+        LCMScheduler, cfg, original_inference_steps=n_orig, timestep_scaling=LCM_NO_BOUNDARY, prediction_type=pred,
+        clip_sample=False, thresholding=False, set_alpha_to_one=True, steps_offset=1)  # LCM ignores the offset
 
 
 def one_step_time(scheduler: Any) -> float:
@@ -138,10 +146,10 @@ def diffusers_calls(denoiser: Denoiser, scheduler: Any, times: dict[int, list[fl
         notes.append("CFG is distilled into the student: pass guidance_scale=0.0 (the pipeline's default 7.5/7.0 "
                      "would apply it a second time)")
     if abs(latents_scale - 1.0) > 1e-7:
-        where = "pass latents=latents_scale * randn(...)" if pipe in TEXT2IMG else \
-            "DDPMPipeline takes no latents, so its first UNet input is z instead"
-        notes.append(f"diffdiv feeds sigma(t0) z = {latents_scale:.6g} z at the first step; the pipeline feeds the "
-                     f"unit noise z: {where} for an exact match")
+        fix = "pass latents=latents_scale * randn(...) for an exact match" if pipe in TEXT2IMG else \
+            "DDPMPipeline takes no latents, so its outputs differ by that input scale"
+        notes.append(f"diffdiv's first network input is sigma(t0) z = {latents_scale:.6g} z, the pipeline's is the "
+                     f"unit noise z: {fix}")
     if is_flow and abs(default_t - t0) > 1e-6:
         notes.append(f"num_inference_steps=1 runs at sigma {default_t:g}, the student's t0 is {t0:g}: pass sigmas=")
     return {"pipeline": pipe, "scheduler": sch_name, "calls": calls, "latents_scale": latents_scale,
