@@ -54,6 +54,12 @@ def stored_times(meta: dict[str, Any]) -> dict[int, list[float]]:
     return dict(sorted(out.items()))
 
 
+def stored_t0(meta: dict[str, Any]) -> float | None:
+    """The first sampling time of a student (t_init, or the first of its stored times); None if none stored."""
+    times = stored_times(meta)
+    return next(iter(times.values()))[0] if times else None
+
+
 def integer_times(times: dict[int, list[float]], num_train_timesteps: int) -> dict[int, list[float]]:
     """VP times rounded to diffusers' integer timesteps, kept strictly decreasing and in [1, T - 1]."""
     out = {}
@@ -180,5 +186,5 @@ def prepare_student_export(denoiser: Denoiser, meta: dict[str, Any]) -> tuple[An
     return sch, meta
 
 
-__all__ = ["prepare_student_export", "student_scheduler", "diffusers_calls", "integer_times", "stored_times",
-           "pipeline_class_of"]
+__all__ = ["prepare_student_export", "stored_t0", "student_scheduler", "diffusers_calls", "integer_times",
+           "stored_times", "pipeline_class_of"]

@@ -330,6 +330,9 @@ class RCMTrainer(DistillTrainer):
         out = self.evaluate_student(self.student, tuple(self.cfg.eval_steps), "consistency", times)
         if self.accelerator.is_main_process and getattr(self, "times_search_log", None):
             out["times_search_evaluations"] = len(self.times_search_log)
+        if self.accelerator.is_main_process and self.history:  # the last logged losses, for the final table
+            out.update({f"final_{k.replace('/', '_')}": v for k, v in self.history[-1].items()
+                        if k.endswith(("/loss", "/scm", "/dmd"))})
         self.student.train()
         return out
 
