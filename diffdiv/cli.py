@@ -117,7 +117,7 @@ def _resolve_prompts(args: argparse.Namespace, n: int) -> list[str] | None:
 
 
 def cmd_sample(args: argparse.Namespace) -> dict[str, Any]:
-    from diffdiv.models.loading import load_denoiser, read_meta
+    from diffdiv.models.loading import TEXT2IMG_PIPELINES, load_denoiser, read_meta, read_model_index
     from diffdiv.sampling import sample
 
     out = Path(args.out)
@@ -135,13 +135,15 @@ def cmd_sample(args: argparse.Namespace) -> dict[str, Any]:
     settings = parse_scheduler_settings(args.scheduler_set)
     if settings and kind != "diffusion":
         raise ConfigError(f"--scheduler-set applies to diffusion sampling; this is a {kind} model (use --times)")
+    prompts = _resolve_prompts(args, args.num_samples)
+    need_prompt = ConfigError(f"{args.model} is a text-to-image model: pass --prompt TEXT (repeatable) or --prompts "
+                              "FILE (--prompt '' for unconditional samples)")
+    if prompts is None and read_model_index(args.model).get("_class_name") in TEXT2IMG_PIPELINES:
+        raise need_prompt  # before loading it
     model = load_denoiser(args.model, guidance_scale=args.guidance_scale)
     model.eval()
-    prompts = _resolve_prompts(args, args.num_samples)
-    text2img = type(model).encode_prompts is not Denoiser.encode_prompts
-    if text2img and prompts is None:
-        raise ConfigError(f"{args.model} is a text-to-image model: pass --prompt TEXT (repeatable) or --prompts FILE "
-                          "(--prompt '' for unconditional samples)")
+    if prompts is None and type(model).encode_prompts is not Denoiser.encode_prompts:
+        raise need_prompt
     overrides = apply_scheduler_settings(model, settings) if settings else {}
     for k, (old, new) in overrides.items():
         print(f"note: scheduler setting {k} = {new!r} (stored: {old!r})", file=sys.stderr, flush=True)

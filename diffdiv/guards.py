@@ -38,7 +38,7 @@ def check_data_shape(data_shape: tuple[int, ...], teacher: Any) -> None:
         raise ConfigError(f"data: samples are {_shape(data_shape)} but the teacher's VAE encodes {_shape(img)} "
                           f"images to its {_shape(want)} latents; set data.image_size: {img[1]} and data.channels: 3, "
                           "or drop the data section")
-    if len(want) == 3:
+    if len(want) == 3 and len(data_shape) == 3:
         raise ConfigError(f"data: samples are {_shape(data_shape)} but the teacher generates {_shape(want)}; set "
                           f"data.image_size: {want[1]} and data.channels: {want[0]}, or drop the data section")
     raise ConfigError(f"data: samples have shape {_shape(data_shape)} but the teacher generates {_shape(want)}")

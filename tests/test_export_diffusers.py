@@ -131,7 +131,8 @@ def _distill(teacher: Path, out: Path, pixel: bool) -> dict[str, Path]:
                          [f"teacher.path={teacher}", f"output_dir={out / 'rcm'}", "max_steps=2", "batch_size=2",
                           "tangent_warmup=1", "dmd_start=1", *QUIET])
     FDistillTrainer(fd).train()
-    RCMTrainer(rc).train()
+    m = RCMTrainer(rc).train()
+    assert m["final_student_loss"] > 0 and "final_fake_loss" in m  # the final table shows the losses
     return {"fd": out / "fd" / "student", "rcm": out / "rcm" / "student"}
 
 
@@ -216,6 +217,10 @@ def test_exported_calls_and_times(students, teachers):
         assert rc["diffusers"]["scheduler"] == ("FlowMatchEulerDiscreteScheduler" if kind == "sd3" else "LCMScheduler")
         if kind in ("sd_euler", "sd_v"):  # one-step SD students: the bare call works
             assert fd["diffusers"]["calls"]["1"] == {"num_inference_steps": 1, "guidance_scale": 0.0}
+        # random epsilon teachers read as x0 predictors at t = 999 give garbage, and the export says so
+        eps = kind in ("px", "sd_euler")
+        assert any("student x0 at t=" in w for w in fd.get("warnings", [])) == eps
+        assert any("teacher x0 at t=" in w and "lower student.t_init" in w for w in fd.get("warnings", [])) == eps
 
 
 def test_control_teacher_scheduler_samples_wrongly(students, plain):

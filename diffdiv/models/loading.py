@@ -179,12 +179,14 @@ def save_denoiser(denoiser: Denoiser, path: str | os.PathLike, meta: dict[str, A
 
 
 def _scheduler_for(schedule) -> DDPMScheduler:
+    """diffdiv's own scheduler for a bare schedule (analytic / MLP models): no x0 clipping, trailing spacing."""
     from diffdiv.param import VPSchedule
 
+    settings = {"clip_sample": False, "timestep_spacing": "trailing"}  # vectors are not images in [-1, 1]
     if isinstance(schedule, VPSchedule):
         if schedule._beta_cfg is not None:
-            return DDPMScheduler(**schedule._beta_cfg)
+            return DDPMScheduler(**schedule._beta_cfg, **settings)
         acp = schedule.alphas_cumprod
         alphas = torch.cat([acp[:1], acp[1:] / acp[:-1]])
-        return DDPMScheduler(num_train_timesteps=len(acp), trained_betas=(1 - alphas).tolist())
+        return DDPMScheduler(num_train_timesteps=len(acp), trained_betas=(1 - alphas).tolist(), **settings)
     raise TypeError(f"no diffusers scheduler for {type(schedule).__name__}")
