@@ -167,7 +167,7 @@ def prepare_student_export(denoiser: Denoiser, meta: dict[str, Any]) -> tuple[An
     meta = dict(meta)
     kind = meta.get("kind", "one_step")
     times = stored_times(meta)
-    if not times:
+    if not times or pipeline_class_of(denoiser) is None:  # no stock pipeline (MLP folders): nothing to match
         return None, meta
     if isinstance(denoiser.schedule, VPSchedule):
         rounded = integer_times(times, int(denoiser.schedule.num_train_timesteps))

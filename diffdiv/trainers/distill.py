@@ -230,6 +230,7 @@ class DistillTrainer(Trainer):
         meta = {"kind": kind, "default_steps": 1, "method": self.name}
         if kind == "one_step":
             meta["t_init"] = OneStepGenerator(student, self.cfg.student.t_init).t_init
+        meta["teacher_guidance_scale"] = float(getattr(self.teacher, "guidance_scale", 1.0))  # distilled in
         meta.update(extra or {})
         scheduler, meta = prepare_student_export(student, meta)  # stock diffusers samples it like diffdiv
         from diffdiv.guards import range_limit, warn, x0_range_problem
