@@ -2,7 +2,8 @@
 
 Four tiny teachers built from configs (a pixel DDPMPipeline: epsilon, leading spacing, clip_sample; SD-layout
 with Euler; SD-layout v-prediction DDIM; SD3-layout rectified flow), each distilled for a step or two with
-f-distill (one-step) and rCM (few-step). The plain-diffusers side runs in a subprocess that never imports
+f-distill (one-step) and rCM (few-step); plus a zero-terminal-SNR v-prediction SD teacher exported as a
+one-step student without training. The plain-diffusers side runs in a subprocess that never imports
 diffdiv: it reads `diffdiv.json` with `json` and calls the stored pipeline with its stored scheduler.
 
 Tolerances (max abs difference, relative to the sample range r = max |x| of diffdiv's samples):
@@ -138,14 +139,23 @@ def _distill(teacher: Path, out: Path, pixel: bool) -> dict[str, Path]:
 
 @pytest.fixture(scope="module")
 def students(teachers, tmp_path_factory) -> dict[str, dict[str, Path]]:
+    from diffdiv.models.export import prepare_student_export
+    from diffdiv.models.loading import save_denoiser
+
     root = tmp_path_factory.mktemp("students")
-    return {k: _distill(p, root / k, pixel=k == "px") for k, p in teachers.items()}
+    out = {k: _distill(p, root / k, pixel=k == "px") for k, p in teachers.items()}
+    # zero terminal SNR (v-prediction): exported as is, no training (Euler's float32 step would cost 5e-4 here)
+    z = load_denoiser(build_tiny_sd(root / "zsnr_teacher", seed=2, prediction_type="v_prediction",
+                                    zero_terminal_snr=True))
+    sch, meta = prepare_student_export(z, {"kind": "one_step", "t_init": 999.0, "guidance_scale": 1.0})
+    out["sd_zsnr"] = {"fd": save_denoiser(z, root / "zsnr_student", meta, scheduler=sch)}
+    return out
 
 
 def _jobs(students, teachers) -> list[dict]:
     jobs = []
-    for kind in KINDS:
-        for method, steps in (("fd", (1,)), ("rcm", (1, 2, 4))):
+    for kind in (*KINDS, "sd_zsnr"):
+        for method, steps in [("fd", (1,))] + ([("rcm", (1, 2, 4))] if kind != "sd_zsnr" else []):
             for k in steps:
                 for exact in (False, True):
                     jobs.append({"key": f"{kind}:{method}:{k}:{int(exact)}", "folder": str(students[kind][method]),
@@ -177,8 +187,7 @@ def _diffdiv(folder: Path, k: int, n: int, seed: int = 4) -> torch.Tensor:
     return sample(d, n, k, seed=seed, kind=kind, times=meta.get(f"times_{k}"), cond=cond)
 
 
-@pytest.mark.parametrize("kind", KINDS)
-@pytest.mark.parametrize("method", ["fd", "rcm"])
+@pytest.mark.parametrize("kind,method", [(k, m) for k in KINDS for m in ("fd", "rcm")] + [("sd_zsnr", "fd")])
 def test_student_samples_in_plain_diffusers(kind, method, students, plain):
     folder = students[kind][method]
     meta = read_meta(folder)

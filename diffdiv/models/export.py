@@ -5,7 +5,9 @@ x_{i+1} = alpha(t_{i+1}) x0 + sigma(t_{i+1}) eps and denoises again (sCM Alg. 1)
 `diffdiv.json`. The scheduler written into the folder does the same in stock diffusers:
 
 - SD / SDXL one-step students: `EulerDiscreteScheduler`, trailing spacing. One step runs at t = T - 1 and
-  the pipeline scales the latents by sigma_max, so the UNet sees sigma(t0) z exactly as in diffdiv.
+  the pipeline scales the latents by sigma_max, so the UNet sees sigma(t0) z exactly as in diffdiv (unless
+  sigma_max is so large, e.g. zero terminal SNR, that float32 cancellation in Euler's step costs more than
+  LCM's unit-noise input: then LCM as below).
 - other VP students (DDPMPipeline, SD / SDXL few-step): `LCMScheduler` (x0, then fresh noise at the next
   time) with its boundary condition switched off and `original_inference_steps = t0 + 1`, so one step runs at
   t0. Stored few-step times go in `timesteps=` (SD / SDXL pipelines); `DDPMPipeline.__call__` has no such
@@ -102,7 +104,10 @@ def student_scheduler(denoiser: Denoiser, kind: str, t0: float) -> Any:
         return None
     pred = getattr(denoiser, "prediction_type", cfg.get("prediction_type", "epsilon"))
     T = int(denoiser.schedule.num_train_timesteps)
-    if kind == "one_step" and pipe in SIGMA_PIPELINES:
+    a0, s0 = alpha_sigma_at(denoiser, t0)
+    # Euler feeds sigma(t0) z exactly but its step x + (0 - sigma)(x - x0)/sigma cancels in float32 at
+    # x ~ sigma_max z (error ~ sigma_max / 2^23; 4096 / 2^23 for zero terminal SNR); LCM feeds z (error 1 - s0)
+    if kind == "one_step" and pipe in SIGMA_PIPELINES and (s0 / max(a0, 1e-12)) * 2.0**-23 < 1.0 - s0:
         return config_for(
             EulerDiscreteScheduler, cfg, timestep_spacing="trailing", prediction_type=pred, use_karras_sigmas=False,
             use_exponential_sigmas=False, use_beta_sigmas=False, timestep_type="discrete", final_sigmas_type="zero",
