@@ -12,6 +12,7 @@ import numpy as np
 import torch
 
 from diffdiv.config import ConfigError
+from diffdiv.models.base import Denoiser
 
 
 def _positive(kind: str):
@@ -30,6 +31,7 @@ def _positive(kind: str):
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="diffdiv", description="Distill and reward-fine-tune diffusion models.",
                                 exit_on_error=False)
+    p.add_argument("--version", action="version", version=f"diffdiv {version()}")
     sub = p.add_subparsers(dest="command")
 
     s = sub.add_parser("sample", help="draw samples from a teacher or student folder", exit_on_error=False)
@@ -39,9 +41,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="sampling steps (default: the model's own; 1-4 for students)")
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--out", required=True, help="output .npz (images also get a .png grid)")
-    s.add_argument("--sampler", default=None, help="ddim | ddpm | euler | heun | dpm++ | flow_euler")
+    s.add_argument("--sampler", default=None,
+                   help="stored | ddim | ddpm | euler | heun | dpm++ | flow_euler (default: diffdiv.json's, else "
+                        "the model's own scheduler class)")
+    s.add_argument("--scheduler-set", action="append", default=None, metavar="KEY=VALUE",
+                   help="override a stored scheduler setting for diffusion sampling, e.g. timestep_spacing=trailing "
+                        "(repeatable; printed and recorded in the output)")
     s.add_argument("--kind", default=None, help="diffusion | one_step | consistency (default: from diffdiv.json)")
-    s.add_argument("--prompt", action="append", default=None, help="text prompt (repeatable)")
+    s.add_argument("--prompt", action="append", default=None,
+                   help="text prompt (repeatable; required for text-to-image models, --prompt '' for unconditional)")
     s.add_argument("--prompts", default=None, help="prompt file, one per line")
     s.add_argument("--guidance-scale", type=float, default=None)
     s.add_argument("--class-label", type=int, default=None)
@@ -64,6 +72,45 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def version() -> str:
+    """The installed package version (the source tree's pyproject.toml when not installed)."""
+    try:
+        from importlib.metadata import version as dist_version
+
+        return dist_version("diffdiv")
+    except Exception:
+        import re
+
+        text = (Path(__file__).resolve().parents[1] / "pyproject.toml").read_text()
+        m = re.search(r'^version\s*=\s*"([^"]+)"', text, re.M)
+        return m.group(1) if m else "unknown"
+
+
+def parse_scheduler_settings(items: list[str] | None) -> dict[str, Any]:
+    """`KEY=VALUE` strings -> {key: YAML-parsed value} (true/false/numbers/null as in configs)."""
+    import yaml
+
+    out: dict[str, Any] = {}
+    for item in items or []:
+        key, eq, value = item.partition("=")
+        if not eq or not key.strip():
+            raise ConfigError(f"--scheduler-set: expected KEY=VALUE, got '{item}'")
+        out[key.strip()] = yaml.safe_load(value)
+    return out
+
+
+def apply_scheduler_settings(model: Any, settings: dict[str, Any]) -> dict[str, list[Any]]:
+    """Override the model's stored scheduler config in place; {key: [stored, new]} for the record."""
+    cfg = getattr(model, "scheduler_config", None)
+    if cfg is None:
+        raise ConfigError("--scheduler-set: this model has no stored diffusers scheduler config")
+    changed = {}
+    for k, v in settings.items():
+        changed[k] = [cfg.get(k), v]
+        cfg[k] = v
+    return changed
+
+
 def _resolve_prompts(args: argparse.Namespace, n: int) -> list[str] | None:
     prompts: list[str] | None = None
     if args.prompts:
@@ -78,7 +125,7 @@ def _resolve_prompts(args: argparse.Namespace, n: int) -> list[str] | None:
 
 
 def cmd_sample(args: argparse.Namespace) -> dict[str, Any]:
-    from diffdiv.models.loading import load_denoiser, read_meta
+    from diffdiv.models.loading import TEXT2IMG_PIPELINES, load_denoiser, read_meta, read_model_index
     from diffdiv.sampling import sample
 
     out = Path(args.out)
@@ -91,11 +138,28 @@ def cmd_sample(args: argparse.Namespace) -> dict[str, Any]:
     steps = args.steps or meta.get("default_steps", 1 if kind == "one_step" else 50)
     if kind == "one_step" and steps != 1:
         kind = "consistency"  # a one-step student can still be re-noised for more steps
-    sampler = args.sampler or meta.get("default_sampler", "ddim")
+    sampler = args.sampler or meta.get("default_sampler") or "stored"
     times = [float(t) for t in args.times.split(",")] if args.times else meta.get(f"times_{steps}")
+    settings = parse_scheduler_settings(args.scheduler_set)
+    if settings and kind != "diffusion":
+        raise ConfigError(f"--scheduler-set applies to diffusion sampling; this is a {kind} model (use --times)")
+    prompts = _resolve_prompts(args, args.num_samples)
+    need_prompt = ConfigError(f"{args.model} is a text-to-image model: pass --prompt TEXT (repeatable) or --prompts "
+                              "FILE (--prompt '' for unconditional samples)")
+    if prompts is None and read_model_index(args.model).get("_class_name") in TEXT2IMG_PIPELINES:
+        raise need_prompt  # before loading it
     model = load_denoiser(args.model, guidance_scale=args.guidance_scale)
     model.eval()
-    prompts = _resolve_prompts(args, args.num_samples)
+    if prompts is None and type(model).encode_prompts is not Denoiser.encode_prompts:
+        raise need_prompt
+    overrides = apply_scheduler_settings(model, settings) if settings else {}
+    for k, (old, new) in overrides.items():
+        print(f"note: scheduler setting {k} = {new!r} (stored: {old!r})", file=sys.stderr, flush=True)
+    scheduler = None
+    if kind == "diffusion":
+        from diffdiv.sampling import make_scheduler
+
+        scheduler = type(make_scheduler(model, sampler)).__name__
     cond = None
     if prompts is not None:
         cond = model.encode_prompts(prompts)
@@ -115,14 +179,18 @@ def cmd_sample(args: argparse.Namespace) -> dict[str, Any]:
         payload["images"] = images.numpy()
     if prompts is not None:
         payload["prompts"] = np.array(prompts)
-    np.savez(out, **payload)
     info: dict[str, Any] = {"out": str(out), "num_samples": len(x), "steps": steps, "kind": kind,
-                            "sampler": sampler if kind == "diffusion" else None}
+                            "sampler": sampler if kind == "diffusion" else None, "scheduler": scheduler,
+                            "scheduler_overrides": {k: v[1] for k, v in overrides.items()} or None,
+                            "times": times if kind != "diffusion" else None, "seed": args.seed,
+                            "guidance_scale": float(getattr(model, "guidance_scale", 1.0))}
+    payload["meta"] = np.array(json.dumps(info))  # how these samples were drawn
+    np.savez(out, **payload)
     if images is not None:
         from diffdiv.data.images import save_image_grid
 
         png = out.with_suffix(".png")
-        save_image_grid(images[:64], png)
+        save_image_grid(images[:64], png, labels=prompts[:64] if prompts is not None else None)
         info["grid"] = str(png)
     elif x.ndim == 2 and x.shape[1] == 2:
         from diffdiv.eval.plots import scatter_2d

@@ -222,3 +222,80 @@ def exit_on_user_error(fn: Callable[..., Any]) -> Callable[..., Any]:
             sys.exit(2)
 
     return wrapper
+
+
+def _field_comments(cls: type) -> dict[str, str]:
+    """`# comment` at the end of each field's line in a dataclass's source (for help texts)."""
+    import inspect
+    import re
+
+    out: dict[str, str] = {}
+    for klass in reversed(cls.__mro__):
+        if not dataclasses.is_dataclass(klass):
+            continue
+        try:
+            src = inspect.getsource(klass)
+        except (OSError, TypeError):
+            continue
+        for m in re.finditer(r"^\s+(\w+)\s*:[^\n]*?#\s*(.+)$", src, re.M):
+            out[m.group(1)] = m.group(2).strip()
+    return out
+
+
+def _show(value: Any) -> str:
+    import json
+
+    if value is dataclasses.MISSING:
+        return "(required)"
+    return json.dumps(to_dict(value)) if not isinstance(value, str) else value
+
+
+def config_keys(cls: type, prefix: str = "") -> list[tuple[str, str, str]]:
+    """(dotted key, default, comment) for every key of config dataclass `cls`, sections expanded."""
+    try:
+        obj: Any = cls()
+    except TypeError:
+        obj = None
+    hints, comments = _hints(cls), _field_comments(cls)
+    out: list[tuple[str, str, str]] = []
+    for f in dataclasses.fields(cls):
+        if not f.init:
+            continue
+        if obj is not None:
+            value = getattr(obj, f.name)
+        elif f.default is not dataclasses.MISSING:
+            value = f.default
+        elif f.default_factory is not dataclasses.MISSING:
+            value = f.default_factory()
+        else:
+            value = dataclasses.MISSING
+        tp = hints[f.name]
+        section = value if dataclasses.is_dataclass(value) else next(
+            (a for a in get_args(tp) if dataclasses.is_dataclass(a)), None) if value is None else None
+        if section is not None:
+            if value is None:
+                out.append((prefix + f.name, "null", comments.get(f.name, "optional section") + " (keys below)"))
+            sub = config_keys(type(section) if not isinstance(section, type) else section, f"{prefix}{f.name}.")
+            if dataclasses.is_dataclass(value) and not isinstance(value, type):
+                sub = [(k, _show(_get_dotted(value, k[len(prefix) + len(f.name) + 1:])), c) for k, _, c in sub]
+            out += sub
+            continue
+        out.append((prefix + f.name, _show(value), comments.get(f.name, "")))
+    return out
+
+
+def _get_dotted(obj: Any, key: str) -> Any:
+    for part in key.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def config_help(cls: type) -> str:
+    """Help text: every config key with its default (and its comment), one per line."""
+    rows = config_keys(cls)
+    w = min(40, max(len(f"{k} = {v}") for k, v, _ in rows))
+    lines = [f"config keys (YAML or key=value overrides; dotted keys for sections) of {cls.__name__}:"]
+    for k, v, c in rows:
+        kv = f"{k} = {v}"
+        lines.append(f"  {kv.ljust(w)}  # {c}" if c else f"  {kv}")
+    return "\n".join(lines)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -45,27 +46,27 @@ def scheduler_config_of(denoiser: Denoiser) -> dict[str, Any]:
     return dict(scheduler_for(denoiser.schedule).config)
 
 
-def make_scheduler(denoiser: Denoiser, sampler: str = "ddim", **overrides: Any):
-    """A diffusers scheduler of kind `sampler` for this denoiser."""
-    if sampler not in SAMPLERS:
-        raise ConfigError(f"unknown sampler '{sampler}' (choose from {', '.join(SAMPLERS)})")
+def make_scheduler(denoiser: Denoiser, sampler: str | None = "ddim", **overrides: Any):
+    """A diffusers scheduler of kind `sampler` built from the model's stored scheduler config, as diffusers'
+    `<Scheduler>.from_config(pipe.scheduler.config)` does: spacing, clipping and offsets are the authors'.
+
+    `sampler` None or "stored": the model's own scheduler class. `overrides` replace stored settings
+    (explicit only; `diffdiv sample --scheduler-set` prints and records them).
+    """
+    if sampler is not None and sampler not in SAMPLERS and sampler != "stored":
+        raise ConfigError(f"unknown sampler '{sampler}' (choose from stored, {', '.join(SAMPLERS)})")
     is_flow = isinstance(denoiser.schedule, FlowSchedule)
+    cfg = scheduler_config_of(denoiser)
+    if sampler in (None, "stored"):
+        stored = getattr(denoiser, "scheduler_cls", None)
+        if stored is not None:
+            return stored.from_config(cfg, **overrides)
+        sampler = "flow_euler" if is_flow else "ddim"
     if is_flow and sampler not in ("flow_euler", "euler"):
         raise ConfigError(f"sampler '{sampler}' does not apply to a flow-matching model (use flow_euler)")
     if is_flow:
-        return FlowMatchEulerDiscreteScheduler.from_config(scheduler_config_of(denoiser), **overrides)
-    cfg = scheduler_config_of(denoiser)
-    kw: dict[str, Any] = dict(overrides)
-    if sampler == "dpm++":
-        kw.setdefault("algorithm_type", "dpmsolver++")
-        kw.setdefault("solver_order", 2)
-    if sampler in ("ddim", "dpm++", "euler", "heun"):
-        kw.setdefault("timestep_spacing", "trailing")
-    if sampler in ("ddim", "ddpm"):
-        kw.setdefault("clip_sample", False)
-    if sampler == "ddim":
-        kw.setdefault("set_alpha_to_one", True)
-    return SAMPLERS[sampler].from_config(cfg, **kw)
+        return FlowMatchEulerDiscreteScheduler.from_config(cfg, **overrides)
+    return SAMPLERS[sampler].from_config(cfg, **overrides)
 
 
 def _step_alpha_sigma(scheduler, timestep: Tensor, schedule) -> tuple[float, float]:
@@ -83,9 +84,13 @@ def _step_alpha_sigma(scheduler, timestep: Tensor, schedule) -> tuple[float, flo
 
 
 @torch.no_grad()
-def sample_diffusion(denoiser: Denoiser, noise: Tensor, steps: int, sampler: str = "ddim", cond: Any = None,
+def sample_diffusion(denoiser: Denoiser, noise: Tensor, steps: int, sampler: str | None = "ddim", cond: Any = None,
                      eta: float = 0.0, generator: torch.Generator | None = None, progress: bool = False) -> Tensor:
-    """Multi-step sampling with a diffusers scheduler; the model output comes from our x0."""
+    """Multi-step sampling with a diffusers scheduler (`make_scheduler`); the model output comes from our x0.
+
+    Same noise, same steps as the diffusers pipeline call on the stored scheduler: latents scaled by
+    `init_noise_sigma`, `scale_model_input`, and the generator passed to every `step` that takes one.
+    """
     sch = make_scheduler(denoiser, sampler)
     sch.set_timesteps(steps, device=noise.device)
     x = noise * getattr(sch, "init_noise_sigma", 1.0)  # flow-matching schedulers have no such attribute
@@ -96,6 +101,10 @@ def sample_diffusion(denoiser: Denoiser, noise: Tensor, steps: int, sampler: str
 
         it = tqdm(it, desc=f"{sampler} {steps} steps", leave=False)
     kind = "flow" if isinstance(sch, FlowMatchEulerDiscreteScheduler) else sch.config.prediction_type
+    step_params = inspect.signature(sch.step).parameters
+    step_kw: dict[str, Any] = {"generator": generator} if "generator" in step_params else {}
+    if isinstance(sch, DDIMScheduler):
+        step_kw["eta"] = eta
     for tau in it:
         x_in = sch.scale_model_input(x, tau) if hasattr(sch, "scale_model_input") else x
         a, s = _step_alpha_sigma(sch, tau, sched)
@@ -104,10 +113,7 @@ def sample_diffusion(denoiser: Denoiser, noise: Tensor, steps: int, sampler: str
         t = sched.t_from_logsnr(2 * (torch.log(a_t) - torch.log(s_t))).float()
         x0 = denoiser(x_in, t, cond)
         out = prediction_from_x0(x0.float(), kind, x_in.float(), a_t.float(), s_t.float())
-        kw = {"eta": eta, "generator": generator} if isinstance(sch, DDIMScheduler) else {}
-        if isinstance(sch, DDPMScheduler):
-            kw = {"generator": generator}
-        x = sch.step(out.to(x.dtype), tau, x, **kw).prev_sample
+        x = sch.step(out.to(x.dtype), tau, x, **step_kw).prev_sample
     return x
 
 

@@ -184,12 +184,13 @@ def unet_dir(tmp_path_factory):
 
 
 def _chunked_samples(model_dir, n, steps, chunk, seed=0):
-    """What the runner must draw: chunk c of size `chunk` from seed `seed * 1000003 + c`."""
+    """What the runner must draw: chunk c of size `chunk` from seed `seed * 1000003 + c`, with the folder's own
+    stored scheduler (a plain pipeline folder: no diffdiv.json sampler)."""
     from diffdiv.models.loading import load_denoiser
     from diffdiv.sampling import sample
 
     model = load_denoiser(model_dir).eval()
-    parts = [sample(model, min(chunk, n - s), steps, seed=seed * 1000003 + c, batch_size=chunk)
+    parts = [sample(model, min(chunk, n - s), steps, seed=seed * 1000003 + c, batch_size=chunk, sampler="stored")
              for c, s in enumerate(range(0, n, chunk))]
     return torch.cat(parts)
 
@@ -203,6 +204,7 @@ def test_cli_two_models_steps_report_and_comparison(unet_dir, tmp_path, capsys):
     assert rc == 0, capsys.readouterr().err
     rep = json.loads((out / "metrics.json").read_text())
     assert [(r["label"], r["steps"]) for r in rep["rows"]] == [("A", 1), ("A", 2), ("B", 3)]
+    assert all(r["guidance_scale"] == 1.0 and r["scheduler"] == "DDPMScheduler" for r in rep["rows"])
     # the FID is the digits FID of exactly the chunk-seeded samples
     x = _chunked_samples(unet_dir, 48, 2, 20)
     from diffdiv.eval.fid import digits_fid

@@ -121,8 +121,9 @@ class StreamingImages:
         return torch.cat(list(self.loader))
 
 
-def save_image_grid(images: torch.Tensor, path: str | Path, nrow: int | None = None) -> None:
-    """(N, C, H, W) in [-1, 1] -> one PNG grid."""
+def save_image_grid(images: torch.Tensor, path: str | Path, nrow: int | None = None,
+                    labels: list[str] | None = None) -> None:
+    """(N, C, H, W) in [-1, 1] -> one PNG grid; `labels` (e.g. prompts) are written under the tiles."""
     from PIL import Image
 
     x = images.detach().float().clamp(-1, 1).add(1).mul(127.5).round().to(torch.uint8).cpu()
@@ -139,5 +140,26 @@ def save_image_grid(images: torch.Tensor, path: str | Path, nrow: int | None = N
     img = Image.fromarray(arr[..., 0] if c == 1 else arr)
     if scale > 1:
         img = img.resize((img.width * scale, img.height * scale), Image.NEAREST)
+    if labels is not None:
+        img = _label_rows(img, [str(t) for t in labels[:n]], nrow, ncol, (h + pad) * scale, (w + pad) * scale)
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     img.save(path)
+
+
+def _label_rows(img, labels: list[str], nrow: int, ncol: int, tile_h: int, tile_w: int):
+    """The grid with a caption strip under every row of tiles (text cut to the tile width)."""
+    from PIL import Image, ImageDraw
+
+    strip = 14
+    out = Image.new(img.mode, (img.width, img.height + ncol * strip), 0)
+    draw = ImageDraw.Draw(out)
+    max_chars = max(4, tile_w // 6)
+    for r in range(ncol):
+        out.paste(img.crop((0, r * tile_h, img.width, (r + 1) * tile_h)), (0, r * (tile_h + strip)))
+        for q in range(nrow):
+            i = r * nrow + q
+            if i < len(labels):
+                text = labels[i] if len(labels[i]) <= max_chars else labels[i][: max_chars - 1] + "~"
+                draw.text((q * tile_w + 2, r * (tile_h + strip) + tile_h + 1), text, fill=255 if img.mode == "L"
+                          else (255, 255, 255))
+    return out

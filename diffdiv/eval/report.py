@@ -48,24 +48,37 @@ def _fmt(v: float | None, digits: int = 4) -> str:
     return f"{v:.{digits}f}" if abs(v) < 1e4 else f"{v:.4g}"
 
 
-def _cell(metrics: dict[str, Any], key: str) -> str:
+UNRELIABLE = " †"  # marks metrics computed from too few samples for the feature dimension (report warnings)
+
+
+def _cell(metrics: dict[str, Any], key: str, unreliable: list[str] | None = None) -> str:
     s = scalar_metrics(metrics)
     if key not in s:
         return "–"
     digits = SCALARS.get(key, ("", 4))[1]
+    mark = UNRELIABLE if key in (unreliable or []) else ""
     if f"{key}.stderr" in s:
-        return f"{_fmt(s[key], digits)} ± {_fmt(s[f'{key}.stderr'], digits)}"
-    return _fmt(s[key], digits)
+        return f"{_fmt(s[key], digits)} ± {_fmt(s[f'{key}.stderr'], digits)}{mark}"
+    return _fmt(s[key], digits) + mark
+
+
+def _guidance(r: dict[str, Any]) -> str:
+    w = r.get("guidance_scale")
+    if w is None:
+        return "–"
+    tw = r.get("teacher_guidance_scale")
+    return f"{w:g}" + (f" (teacher {tw:g}, distilled)" if tw is not None else "")
 
 
 def results_table(rows: list[dict[str, Any]]) -> str:
-    """Markdown table: one row per (model, steps)."""
+    """Markdown table: one row per (model, steps); † marks metrics flagged unreliable."""
     cols = _columns(rows)
-    head = ["model", "steps", "kind", "n"] + [SCALARS.get(c, (c,))[0] for c in cols] + ["time (s)"]
+    head = ["model", "steps", "kind", "n", "guidance"] + [SCALARS.get(c, (c,))[0] for c in cols] + ["time (s)"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         cells = [r["label"], "–" if r["steps"] is None else str(r["steps"]), r.get("kind") or "samples",
-                 str(r["num_samples"])] + [_cell(r["metrics"], c) for c in cols] + [f"{r['time_s']:.1f}"]
+                 str(r["num_samples"]), _guidance(r)] + [_cell(r["metrics"], c, r.get("unreliable")) for c in cols] \
+            + [f"{r['time_s']:.1f}"]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -257,6 +270,14 @@ def write_report(report: dict[str, Any], out: str | Path) -> dict[str, str]:
         md.append(f"- features: `{feats['spec']}` (id `{feats['id']}`, {feats['dim']}-d)")
     md.append(f"- samples per row: {report['num_samples']} (seed {report['seed']}, chunk {report['batch_size']}, "
               f"{report['processes']} process(es)); metrics: {', '.join(report['metrics'])}")
+    if report.get("guidance_scale") is not None:
+        md.append(f"- guidance scale asked: {report['guidance_scale']:g} (per row: the `guidance` column)")
+    samplers = {f"{r['label']}: {r['scheduler']}" for r in rows if r.get("scheduler")}
+    if samplers:
+        md.append(f"- diffusion schedulers (stored settings unless overridden): {', '.join(sorted(samplers))}")
+    if report.get("warnings"):
+        md += ["", "## Warnings", ""] + [f"- {w}" for w in report["warnings"]]
+        md += ["", "† unreliable at this sample size (see the warnings)."]
     md += ["", "## Results", "", results_table(rows), ""]
     md += ["FID: Fréchet distance of Gaussian fits to the features (torchmetrics). precision / recall: k-NN "
            "manifold estimate (Kynkäänniemi et al. 2019). MMD: unbiased squared MMD, RBF kernels at 0.5/1/2 x the "
@@ -267,7 +288,8 @@ def write_report(report: dict[str, Any], out: str | Path) -> dict[str, str]:
     if grids:
         md += ["## Samples", ""]
         for r in grids:
-            md += [f"**{r['label']}**" + (f", {_steps(r['steps'])}" if r["steps"] else ""), "",
+            w = f", guidance {_guidance(r)}" if r.get("guidance_scale") is not None else ""
+            md += [f"**{r['label']}**" + (f", {_steps(r['steps'])}" if r["steps"] else "") + w, "",
                    f"![{r['label']} {r['steps']}]({r['grid']})", ""]
     if curves:
         md += ["## Training logs", ""]

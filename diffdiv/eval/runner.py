@@ -214,7 +214,20 @@ class LoadedModel:
         return kind
 
     def sampler(self) -> str:
-        return self.spec.sampler or self.meta.get("default_sampler", "ddim")
+        """diffusion sampler: as asked, else diffdiv.json's, else the model's own stored scheduler."""
+        return self.spec.sampler or self.meta.get("default_sampler") or "stored"
+
+    def scheduler_name(self) -> str | None:
+        """The diffusers scheduler class diffusion sampling uses (None for students and sample files)."""
+        if self.denoiser is None:
+            return None
+        from diffdiv.sampling import make_scheduler
+
+        return type(make_scheduler(self.denoiser, self.sampler())).__name__
+
+    def guidance_scale(self) -> float | None:
+        """The classifier-free guidance scale the model samples with (1: none; students: distilled in)."""
+        return None if self.denoiser is None else float(getattr(self.denoiser, "guidance_scale", 1.0))
 
     def text_conditioned(self) -> bool:
         from diffdiv.models.base import Denoiser
@@ -507,15 +520,21 @@ def run_evaluation(specs: list[ModelSpec], opts: EvalOptions, dist: Dist, out: P
             elapsed = time.time() - t0
             if not dist.is_main:
                 continue
+            diffusion = model.kind_for(steps) == "diffusion"
             row = {"label": spec.label, "model": str(spec.source) if not hasattr(spec.source, "forward")
                    else type(spec.source).__name__, "steps": steps, "kind": model.kind_for(steps),
-                   "sampler": model.sampler() if model.kind_for(steps) == "diffusion" else None,
-                   "num_samples": n, "time_s": round(elapsed, 3), "metrics": {}}
+                   "sampler": model.sampler() if diffusion else None,
+                   "scheduler": model.scheduler_name() if diffusion else None,
+                   "guidance_scale": model.guidance_scale(), "teacher_guidance_scale":
+                   model.meta.get("teacher_guidance_scale"), "num_samples": n, "time_s": round(elapsed, 3),
+                   "metrics": {}}
             row["metrics"] = compute_metrics(results, metrics, ref_stats, refobj, ref_samples, ext, opts,
                                              model.prompts_for(opts, 0, n))
             row["samples_per_s"] = round(n / max(elapsed, 1e-9), 3)
             if out is not None:
-                row["grid"] = _write_grid(results, refobj, ref_samples, out, spec.label, steps)
+                labels = model.prompts_for(opts, 0, min(n, opts.grid)) \
+                    if model.text_conditioned() or model.file_prompts is not None else None
+                row["grid"] = _write_grid(results, refobj, ref_samples, out, spec.label, steps, labels)
             rows.append(row)
         if dist.is_main and out is not None and model.path is not None:
             from diffdiv.eval.report import find_training_log
@@ -529,12 +548,19 @@ def run_evaluation(specs: list[ModelSpec], opts: EvalOptions, dist: Dist, out: P
     if not dist.is_main:
         dist.barrier()
         return {}
+    from diffdiv.guards import feature_sample_warnings, warn
+
+    warnings = feature_sample_warnings(rows, None if ext is None else ext.num_features,
+                                       None if ref_stats is None else ref_stats.n)
+    for w in warnings:
+        warn(w)
     report = {
         "reference": None if refobj is None else {"spec": refobj.spec, "description": refobj.describe(),
                                                    "n": None if ref_stats is None else ref_stats.n},
         "features": None if ext is None else {"spec": feature_spec, "id": ext.id, "dim": ext.num_features},
         "metrics": metrics, "num_samples": opts.num_samples, "seed": opts.seed, "batch_size": opts.batch_size,
-        "processes": dist.world, "prompts": opts.prompts, "rows": rows,
+        "processes": dist.world, "prompts": opts.prompts, "guidance_scale": opts.guidance_scale,
+        "warnings": warnings, "rows": rows,
         "total_time_s": round(time.time() - t_start, 3), "command": opts.command,
     }
     if out is not None:
@@ -595,7 +621,8 @@ def _safe(name: str) -> str:
     return "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in name)
 
 
-def _write_grid(results, refobj, ref_samples, out: Path, label: str, steps: int | None) -> str | None:
+def _write_grid(results, refobj, ref_samples, out: Path, label: str, steps: int | None,
+                labels: list[str] | None = None) -> str | None:
     grid = _cat(results, "grid")
     if grid is None:
         return None
@@ -603,7 +630,7 @@ def _write_grid(results, refobj, ref_samples, out: Path, label: str, steps: int 
     if grid.ndim == 4:
         from diffdiv.data.images import save_image_grid
 
-        save_image_grid(grid, out / name)
+        save_image_grid(grid, out / name, labels=labels)
         return name
     x = _cat(results, "x")
     if x is not None and x.shape[1] == 2:

@@ -146,23 +146,25 @@ def write_json_atomic(path: str | os.PathLike, data: Any) -> None:
     os.replace(tmp, path)
 
 
-def save_denoiser(denoiser: Denoiser, path: str | os.PathLike, meta: dict[str, Any] | None = None) -> Path:
-    """Save a Denoiser as a diffusers pipeline folder (+ diffdiv.json), atomically."""
+def save_denoiser(denoiser: Denoiser, path: str | os.PathLike, meta: dict[str, Any] | None = None,
+                  scheduler: Any = None) -> Path:
+    """Save a Denoiser as a diffusers pipeline folder (+ diffdiv.json), atomically; `scheduler` replaces the
+    model's own (students: `diffdiv.models.export.prepare_student_export`)."""
     meta = dict(meta or {})
     meta.setdefault("kind", "diffusion")
     meta.setdefault("guidance_scale", float(getattr(denoiser, "guidance_scale", 1.0)))
 
     def write(tmp: Path) -> None:
         if isinstance(denoiser, UNetDenoiser):
-            sch = DDIMScheduler.from_config(denoiser.scheduler_config) if denoiser.scheduler_cls is None \
-                else denoiser.make_scheduler()
+            sch = scheduler if scheduler is not None else DDIMScheduler.from_config(denoiser.scheduler_config) \
+                if denoiser.scheduler_cls is None else denoiser.make_scheduler()
             DDPMPipeline(unet=denoiser.unet, scheduler=sch).save_pretrained(tmp, safe_serialization=True)
         elif isinstance(denoiser, NetDenoiser):
             sch = scheduler_for(denoiser.schedule)
             meta.setdefault("sigma_data", denoiser.sigma_data)
             MLPPipeline(net=denoiser.net, scheduler=sch).save_pretrained(tmp, safe_serialization=True)
         elif hasattr(denoiser, "save_pipeline"):
-            denoiser.save_pipeline(tmp)
+            denoiser.save_pipeline(tmp, scheduler=scheduler)
         else:
             raise TypeError(f"cannot save {type(denoiser).__name__} as a pipeline")
         (tmp / META_FILE).write_text(json.dumps(meta, indent=2))
@@ -171,12 +173,14 @@ def save_denoiser(denoiser: Denoiser, path: str | os.PathLike, meta: dict[str, A
 
 
 def scheduler_for(schedule) -> DDPMScheduler:
+    """diffdiv's own scheduler for a bare schedule (analytic / MLP models): no x0 clipping, trailing spacing."""
     from diffdiv.param import VPSchedule
 
+    settings = {"clip_sample": False, "timestep_spacing": "trailing"}  # vectors are not images in [-1, 1]
     if isinstance(schedule, VPSchedule):
         if schedule._beta_cfg is not None:
-            return DDPMScheduler(**schedule._beta_cfg)
+            return DDPMScheduler(**schedule._beta_cfg, **settings)
         acp = schedule.alphas_cumprod
         alphas = torch.cat([acp[:1], acp[1:] / acp[:-1]])
-        return DDPMScheduler(num_train_timesteps=len(acp), trained_betas=(1 - alphas).tolist())
+        return DDPMScheduler(num_train_timesteps=len(acp), trained_betas=(1 - alphas).tolist(), **settings)
     raise TypeError(f"no diffusers scheduler for {type(schedule).__name__}")

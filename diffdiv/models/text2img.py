@@ -190,9 +190,9 @@ class Text2ImgDenoiser(Denoiser):
     def _pipeline_kwargs(self) -> dict[str, Any]:
         return dict(self.pipeline_extra)
 
-    def save_pipeline(self, path: str | os.PathLike) -> Path:
-        """Write a complete diffusers pipeline folder with the current trainable network."""
-        self.pipeline().save_pretrained(path, safe_serialization=True)
+    def save_pipeline(self, path: str | os.PathLike, scheduler: Any = None) -> Path:
+        """Write a complete diffusers pipeline folder with the current trainable network (and `scheduler`)."""
+        self.pipeline(scheduler).save_pretrained(path, safe_serialization=True)
         return Path(path)
 
     # --- text conditions ----------------------------------------------------------------------

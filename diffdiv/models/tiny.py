@@ -122,9 +122,14 @@ def _sd_scheduler_kwargs() -> dict:
     )
 
 
-def build_tiny_sd(path: str | os.PathLike, seed: int = 0, prediction_type: str = "epsilon") -> Path:
-    """Tiny StableDiffusionPipeline (UNet (32, 64), CLIP 2x32, VAE /4, latents 4x8x8) saved at `path`."""
-    from diffusers import DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+def build_tiny_sd(path: str | os.PathLike, seed: int = 0, prediction_type: str = "epsilon", scheduler: str = "ddim",
+                  zero_terminal_snr: bool = False) -> Path:
+    """Tiny StableDiffusionPipeline (UNet (32, 64), CLIP 2x32, VAE /4, latents 4x8x8) saved at `path`.
+
+    `scheduler`: "ddim" (SD 1.x/2.x's DDIM config) or "euler" (EulerDiscreteScheduler, leading spacing);
+    `zero_terminal_snr`: rescaled betas with alpha(T) = 0 (Lin et al. 2024).
+    """
+    from diffusers import DDIMScheduler, EulerDiscreteScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextModel
 
     torch.manual_seed(seed)
@@ -143,9 +148,14 @@ def build_tiny_sd(path: str | os.PathLike, seed: int = 0, prediction_type: str =
         norm_num_groups=8,
     )
     vae = _tiny_vae()
-    sch = DDIMScheduler(
-        **_sd_scheduler_kwargs(), clip_sample=False, set_alpha_to_one=False, prediction_type=prediction_type
-    )
+    if scheduler == "euler":
+        sch = EulerDiscreteScheduler(**_sd_scheduler_kwargs(), timestep_spacing="leading",
+                                     prediction_type=prediction_type, rescale_betas_zero_snr=zero_terminal_snr)
+    elif scheduler == "ddim":
+        sch = DDIMScheduler(**_sd_scheduler_kwargs(), clip_sample=False, set_alpha_to_one=False,
+                            prediction_type=prediction_type, rescale_betas_zero_snr=zero_terminal_snr)
+    else:
+        raise ValueError(f"scheduler must be 'ddim' or 'euler', got {scheduler!r}")
     pipe = StableDiffusionPipeline(
         vae=vae,
         text_encoder=text_encoder,

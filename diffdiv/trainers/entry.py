@@ -12,8 +12,14 @@ from diffdiv.trainers.base import Trainer, TrainingError
 from diffdiv.trainers.runtime import shutdown
 
 
-def parse_args(argv: list[str] | None, description: str) -> tuple[str | None, list[str]]:
-    p = argparse.ArgumentParser(description=description, exit_on_error=False)
+def parse_args(argv: list[str] | None, description: str,
+               config_cls: type | None = None) -> tuple[str | None, list[str]]:
+    """(config path, overrides); `--help` lists every config key of `config_cls` with its default."""
+    from diffdiv.config import config_help
+
+    p = argparse.ArgumentParser(description=description, exit_on_error=False,
+                                formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog=config_help(config_cls) if config_cls is not None else None)
     p.add_argument("--config", "-c", default=None, help="YAML config file")
     p.add_argument("overrides", nargs="*", help="key=value overrides (dotted keys for sections)")
     try:
@@ -39,7 +45,7 @@ def format_metrics(metrics: dict[str, Any]) -> str:
 def run(trainer_cls: type[Trainer], argv: list[str] | None = None) -> dict[str, Any]:
     """Load config, train, print the metrics table. Exit 2 on bad input, 1 on a failed run."""
     try:
-        path, overrides = parse_args(argv, trainer_cls.__doc__ or trainer_cls.__name__)
+        path, overrides = parse_args(argv, trainer_cls.__doc__ or trainer_cls.__name__, trainer_cls.config_cls)
         cfg = load_config(trainer_cls.config_cls, path, overrides)
         trainer = trainer_cls(cfg)
         trainer.preflight()

@@ -324,13 +324,20 @@ class RCMTrainer(DistillTrainer):
         extra.update({"default_steps": 2, "trigflow_sigma_data": self.sd, "sigma_max": self.cfg.sigma_max,
                       "dmd_weight": self.cfg.dmd_weight, "guidance_scale": 1.0,
                       "teacher_guidance_scale": float(getattr(self.teacher, "guidance_scale", 1.0))})
-        self.export_student(self.student, out_dir, kind="consistency", extra=extra)
+        folder = self.export_student(self.student, out_dir, kind="consistency", extra=extra)
+        from diffdiv.models.loading import read_meta
+
+        stored = read_meta(folder)  # the export rounds VP times to diffusers' integer timesteps
+        self.times = {k: stored[f"times_{k}"] for k in self.times if f"times_{k}" in stored}
 
     def evaluate(self) -> dict[str, float]:
         times = getattr(self, "times", None) or {k: self.model_times(k) for k in range(1, len(self.cfg.mid_sigmas) + 2)}
         out = self.evaluate_student(self.student, tuple(self.cfg.eval_steps), "consistency", times)
         if self.accelerator.is_main_process and getattr(self, "times_search_log", None):
             out["times_search_evaluations"] = len(self.times_search_log)
+        if self.accelerator.is_main_process and self.history:  # the last logged losses, for the final table
+            out.update({f"final_{k.replace('/', '_')}": v for k, v in self.history[-1].items()
+                        if k.endswith(("/loss", "/scm", "/dmd"))})
         self.student.train()
         return out
 

@@ -69,7 +69,8 @@ def build_teacher_model(cfg: TeacherTrainConfig, sample_shape: tuple[int, ...], 
     """A fresh (untrained) denoiser for the configured data."""
     sched = DDPMScheduler(num_train_timesteps=cfg.schedule.num_train_timesteps, beta_start=cfg.schedule.beta_start,
                           beta_end=cfg.schedule.beta_end, beta_schedule=cfg.schedule.beta_schedule,
-                          prediction_type=cfg.prediction_type, clip_sample=False)
+                          prediction_type=cfg.prediction_type, clip_sample=False,
+                          timestep_spacing="trailing")  # stored: diffusers and diffdiv sample with these settings
     m = cfg.model
     if m.kind == "mlp":
         dim = int(torch.tensor(sample_shape).prod())
