@@ -25,7 +25,7 @@ from diffdiv.divergence import pseudo_huber_c
 from diffdiv.methods.di_star import di_star_generator_loss
 from diffdiv.models.lora import LoRAConfig, add_lora, has_lora, merged_copy, save_lora
 from diffdiv.trainers.distill import DistillConfig, DistillTrainer
-from diffdiv.trainers.rewarding import RewardFields, RewardKit
+from diffdiv.trainers.rewarding import RewardFields, RewardKit, evaluate_rewards
 from diffdiv.trainers.steps import fake_score_step
 
 
@@ -131,10 +131,7 @@ class DIStarTrainer(DistillTrainer):
 
     # --- evaluation / export ----------------------------------------------------------------------
     def evaluate(self) -> dict[str, float]:
-        if not self.accelerator.is_main_process:
-            return {}
-        return self.rewards.evaluate(self.eval_samples_for, self.out, self.step, self.clock.train_seconds(),
-                                     self.device)
+        return evaluate_rewards(self)
 
     def eval_samples_for(self, which: str, z: Tensor, cond: Any, gen: torch.Generator) -> tuple[Tensor, dict]:
         """Generator samples (one step) vs the teacher's DDIM(ref_steps) CFG samples from t_init; plus a

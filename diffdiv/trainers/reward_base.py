@@ -26,7 +26,7 @@ from diffdiv.models.base import Denoiser
 from diffdiv.models.lora import adapters_disabled, add_lora, has_lora, merged_copy, save_lora
 from diffdiv.trainers.base import TrainConfig, Trainer, check_lr
 from diffdiv.trainers.conditions import CondConfig, Conditions
-from diffdiv.trainers.rewarding import RewardFields, RewardKit
+from diffdiv.trainers.rewarding import RewardFields, RewardKit, evaluate_rewards
 
 # ----------------------------------------------------------------------------------------------
 # Config sections
@@ -215,10 +215,7 @@ class RewardTrainer(Trainer):
 
     # --- evaluation / export ----------------------------------------------------------------------
     def evaluate(self) -> dict[str, float]:
-        if not self.accelerator.is_main_process:
-            return {}
-        return self.rewards.evaluate(self.eval_samples_for, self.out, self.step, self.clock.train_seconds(),
-                                     self.device)
+        return evaluate_rewards(self)
 
     def eval_samples_for(self, which: str, z: Tensor, cond: Any, gen: torch.Generator) -> tuple[Tensor, dict]:
         """DDIM(eta) samples; for the policy also the exact path KL (sum of per-step KLs, nats) of the

@@ -177,3 +177,11 @@ class RewardKit:
         self.history.append({"step": step, "train_time_s": train_time, **out})
         write_json_atomic(out_dir / "eval_history.json", self.history)
         return out
+
+
+def evaluate_rewards(trainer: Any) -> dict[str, float]:
+    """A reward trainer's `evaluate()`: its `rewards` kit on its `eval_samples_for`, on the main process."""
+    if not trainer.accelerator.is_main_process:
+        return {}
+    return trainer.rewards.evaluate(trainer.eval_samples_for, trainer.out, trainer.step,
+                                    trainer.clock.train_seconds(), trainer.device)
