@@ -38,7 +38,8 @@ def cases(tmp: Path) -> list[tuple[str, list[str], str]]:
     done = tmp / "done"
     done.mkdir(exist_ok=True)
     (done / "metrics.json").write_text('{"keep": 1}')
-    launch = [PY, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+    launch = [PY, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+              "--main_process_port", "0", "--num_machines", "1",
               "--mixed_precision", "no", "--dynamo_backend", "no"]
     return [
         ("unknown config key", [*TEACHER, "output_dir={out}", "learning_rate=1"], "unknown config key"),

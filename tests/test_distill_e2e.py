@@ -73,6 +73,7 @@ def test_two_process_accelerate_launch_matches_one_process(tiny_sd, tmp_path):
     env = dict(ENV, ACCELERATE_USE_CPU="true")
     # the default tracker (tensorboard): closing it must not end the process group under the other rank (exit 0)
     p = _run([sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+              "--main_process_port", "0",
               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
               "train/fdistill.py", *common, "log_with=tensorboard", f"output_dir={two}"], env=env)
     assert p.stdout.count("| steps") == 1  # only the main process prints the table

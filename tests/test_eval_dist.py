@@ -38,6 +38,7 @@ def test_two_processes_match_one_process(tmp_path):
     assert eval_main([*args, "--out", str(tmp_path / "one")]) == 0
     env = dict(os.environ, ACCELERATE_USE_CPU="true", OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+           "--main_process_port", "0",
            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
            "--main_process_port", str(_free_port()), "-m", "diffdiv.eval.job", *args,
            "--out", str(tmp_path / "two")]

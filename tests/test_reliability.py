@@ -178,6 +178,7 @@ def test_two_processes_match_one_and_skip_together(tmp_path):
     script.write_text(SKIP_ONE_RANK)
     args = TOY + ["max_steps=5", "checkpoint_every=5"]
     launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+              "--main_process_port", "0",
               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
     r2 = subprocess.run(launch + [str(ROOT / "train" / "teacher.py"), *args, f"output_dir={tmp_path / 'two'}"],
                         env=ENV, capture_output=True, text=True, timeout=300)
@@ -211,6 +212,7 @@ def test_two_processes_match_one_and_skip_together(tmp_path):
 @pytest.mark.multiprocess
 def test_bad_input_under_accelerate_launch_prints_first(tmp_path):
     launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+              "--main_process_port", "0",
               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
     r = subprocess.run(launch + [str(ROOT / "train" / "teacher.py"), f"output_dir={tmp_path / 'o'}", "lr=-1"],
                        env=ENV, capture_output=True, text=True, timeout=300)

@@ -277,6 +277,7 @@ def test_dpok_two_processes_match_one(tiny_unet, tmp_path):
             "max_steps=4", "checkpoint_every=4", "advantage=batch", "reward={name: digits, target: 3}",
             "lr=1e-4"]  # small steps: Adam's first update ~ lr sign(g) would amplify reduction-order noise
     launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+              "--main_process_port", "0",
               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
     script = str(ROOT / "train" / "dpok.py")
     r2 = subprocess.run(launch + [script, *args, f"output_dir={tmp_path / 'two'}"], env=env, capture_output=True,
