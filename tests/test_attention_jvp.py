@@ -295,6 +295,11 @@ def _worker(out_path: str) -> None:  # runs with TRITON_INTERPRET=1 in a fresh i
     ref_o, ref_t = reference64(q, k, v, *tans)
     o, t = jvp(sdpa, (q, k, v), tuple(tans), attention="triton")
     results["hook"] = dict(o=rel_max(o, ref_o), t=rel_max(t, ref_t), tol=TOL[torch.float32], same_buffers=True)
+    from diffdiv.models.jvp import attention_jvp_override, jvp_mode
+
+    with torch.no_grad(), jvp_mode("hook"), attention_jvp_override("triton"):  # functorch-wrapped tensors
+        o, t = torch.func.jvp(sdpa, (q, k, v), tuple(tans))
+    results["func_jvp"] = dict(o=rel_max(o, ref_o), t=rel_max(t, ref_t), tol=TOL[torch.float32], same_buffers=True)
     mask = torch.rand(21, 21, generator=torch.Generator().manual_seed(0)) > 0.3
     mask[:, 0] = True
     bias = torch.zeros(21, 21, dtype=torch.float64).masked_fill(~mask, float("-inf"))
@@ -329,10 +334,28 @@ def test_triton_kernel_matches_float64(kernel_report, case):
     assert r["o"] < r["tol"] and r["t"] < r["tol"], r
 
 
-@pytest.mark.parametrize("key", ["hook", "masked_fallback"])
+@pytest.mark.parametrize("key", ["hook", "func_jvp", "masked_fallback"])
 def test_triton_through_the_hook_and_fallback(kernel_report, key):
     r = kernel_report[key]
     assert r["o"] < r["tol"] and r["t"] < r["tol"], r
+
+
+def test_cpu_users_need_no_triton():
+    """With triton unimportable, the library imports and the JVP runs (auto -> blockwise)."""
+    code = ("import sys; sys.modules['triton'] = None\n"
+            "import torch\n"
+            "from diffdiv.models import attention_jvp as A\n"
+            "from diffdiv.models.jvp import jvp\n"
+            "q = torch.randn(1, 1, 4, 8)\n"
+            "assert not A.triton_available() and A.resolve_attention_jvp('auto', q) == 'blockwise'\n"
+            "sdpa = lambda q: torch.nn.functional.scaled_dot_product_attention(q, q, q)\n"
+            "out, tan = jvp(sdpa, (q,), (torch.ones_like(q),))\n"
+            "assert torch.isfinite(tan).all()\n"
+            "assert not any(m.split('.')[0] == 'triton' and sys.modules[m] for m in sys.modules)\n"
+            "print('ok')\n")
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]))
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr
 
 
 def test_kernel_cases_cover_ragged_edges():

@@ -231,3 +231,17 @@ def test_hook_rules_leave_reverse_mode_alone(tmp_path):
     with J.jvp_mode("hook"):
         hooked = grads()
     assert all(torch.allclose(a, b, rtol=1e-10, atol=1e-12) for a, b in zip(hooked, ref))
+
+
+def test_attention_mask_with_a_tangent_is_differentiated():
+    """An additive mask that depends on the input (rare) goes to PyTorch's math-backend rules, not dropped."""
+    g = torch.Generator().manual_seed(11)
+    q, k, v = (torch.randn(1, 2, 5, 8, generator=g, dtype=torch.float64) for _ in range(3))
+    m = torch.randn(5, 5, generator=g, dtype=torch.float64)
+
+    def fn(q, m):
+        return torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=m)
+
+    dq, dm = torch.randn_like(q), torch.randn_like(m)
+    _, tan = jvp(fn, (q, m), (dq, dm))
+    assert relative_error(tan, fd64(fn, (q, m), (dq, dm))) < 1e-8

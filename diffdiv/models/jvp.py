@@ -210,12 +210,16 @@ def _sdpa_hooked(query: Tensor, key: Tensor, value: Tensor, attn_mask: Tensor | 
     """SDPA inside `jvp_mode("hook")`: primal and tangent from one `attention_jvp` call (no second primal)."""
     if dropout_p > 0:
         raise ValueError("attention dropout has no deterministic JVP; put the network in eval mode")
-    parts = _dual_split(query, key, value, attn_mask)
-    if parts is not None and parts[3][1] is None:
-        (q, tq), (k, tk), (v, tv) = parts[:3]
-        if tq is None and tk is None and tv is None:
-            kw = {"enable_gqa": True} if enable_gqa else {}
-            return _ORIG_SDPA(q, k, v, attn_mask=attn_mask, is_causal=is_causal, scale=scale, **kw)
+    kw = {"enable_gqa": True} if enable_gqa else {}
+    (q, tq), (k, tk), (v, tv) = (fwAD.unpack_dual(x) for x in (query, key, value))
+    if tq is None and tk is None and tv is None:  # no tangent here: native SDPA (and its native backward)
+        return _ORIG_SDPA(query, key, value, attn_mask=attn_mask, is_causal=is_causal, scale=scale, **kw)
+    if isinstance(attn_mask, Tensor) and fwAD.unpack_dual(attn_mask).tangent is not None:
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        with sdpa_kernel(SDPBackend.MATH):  # a mask with a tangent: PyTorch's own rules
+            return _ORIG_SDPA(query, key, value, attn_mask=attn_mask, is_causal=is_causal, scale=scale, **kw)
+    if _dual_split(query, key, value, attn_mask) is not None:
 
         def both(q, k, v, tq, tk, tv, mask):
             return attention_jvp(q, k, v, tq, tk, tv, attn_mask=mask, is_causal=is_causal, scale=scale)
@@ -223,6 +227,7 @@ def _sdpa_hooked(query: Tensor, key: Tensor, value: Tensor, attn_mask: Tensor | 
         if any(torch._C._functorch.is_functorch_wrapped_tensor(x) for x in (q, k, v)):
             return fwAD.make_dual(*_run_untracked(both, q, k, v, tq, tk, tv, attn_mask))  # torch.func.jvp
         return fwAD.make_dual(*both(q, k, v, tq, tk, tv, attn_mask))
+    # a graph is being recorded: primal by SDPA, tangent by the hook (recomputes P), backward by the reference
     return _SDPAWithJVP.apply(query, key, value, attn_mask, is_causal, scale, enable_gqa)
 
 
