@@ -36,10 +36,12 @@ import weakref
 from pathlib import Path
 
 import torch
+import torch.autograd.forward_ad as fwAD
+import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from diffdiv.models.attention_jvp import attention_jvp_blockwise
-from diffdiv.models.jvp import attention_jvp_reference, jvp, relative_error
+from diffdiv.models.jvp import attention_jvp_reference, jvp, jvp_mode, relative_error
 from diffdiv.models.loading import load_denoiser
 from diffdiv.models.tiny import build_tiny_sd, build_tiny_sd3
 from diffdiv.models.trigflow import TrigFlowView
@@ -51,7 +53,8 @@ METHODS = {"hook": dict(method="forward"), "hook_reference": dict(method="forwar
            "forward_math": dict(method="forward_math"), "fd": dict(method="fd")}
 ATTN_TIME_L = (64, 256, 1024, 2048)
 ATTN_MEM_L = (256, 1024, 2048, 4096)
-REFERENCE_MAX_L = 2048  # the O(L^2) paths beyond this would take > 1 GiB here
+REFERENCE_MAX_L = 2048
+_SDPA = F.scaled_dot_product_attention  # the O(L^2) paths beyond this would take > 1 GiB here
 
 
 def cpu_time(fn) -> float:
@@ -149,6 +152,53 @@ def bench_model(name, d, cond, batch, repeats) -> dict:
     _, tan64 = jvp(f64, (x64, tau64), (dx64, torch.zeros_like(tau64)), method="forward")
     row["relerr_hook_vs_fd_fp64_x"] = relative_error(tan64, ref64)
     return row
+
+
+# ----------------------------------------------------------------------------------------------
+# Per-op profile under forward-mode AD (digits-UNet sizes)
+# ----------------------------------------------------------------------------------------------
+
+
+def _op_cases() -> dict:
+    g = torch.Generator().manual_seed(5)
+    w, b, cw, cb, lw = (torch.randn(*s, generator=g) for s in ((64,), (64,), (64, 64, 3, 3), (64,), (64, 64)))
+    x, seq = torch.randn(8, 64, 8, 8, generator=g), torch.randn(8, 64, 64, generator=g)
+    qkv = torch.randn(8, 8, 16, 8, generator=g)
+    return {"GroupNorm (8 groups)": (lambda a: F.group_norm(a, 8, w, b), x),
+            "LayerNorm (64)": (lambda a: F.layer_norm(a, (64,), w, b), seq),
+            "conv2d 3x3 64->64": (lambda a: F.conv2d(a, cw, cb, padding=1), x),
+            "linear 64->64": (lambda a: F.linear(a, lw, b), seq),
+            "x * 0.5 (one dual operand)": (lambda a: a * 0.5, x),
+            "x + y (one dual operand)": (lambda a: a + x, x),
+            "SiLU": (F.silu, x),
+            "interpolate nearest x2": (lambda a: F.interpolate(a, scale_factor=2.0, mode="nearest"), x),
+            "SDPA 8x8x16x8 (q = k = v dual; PyTorch: math backend)": (_sdpa_self, qkv)}
+
+
+def _sdpa_self(a: torch.Tensor) -> torch.Tensor:
+    """SDPA(a, a, a); a dual tensor outside jvp_mode goes to the math backend (the only one with rules)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    if F.scaled_dot_product_attention is not _SDPA or fwAD.unpack_dual(a).tangent is None:
+        return F.scaled_dot_product_attention(a, a, a)
+    with sdpa_kernel(SDPBackend.MATH):
+        return F.scaled_dot_product_attention(a, a, a)
+
+
+def _op_row(name: str, fn, x: torch.Tensor, repeats: int) -> dict:
+    dx = torch.randn(x.shape, generator=torch.Generator().manual_seed(6))
+    with torch.no_grad(), fwAD.dual_level():
+        xd = fwAD.make_dual(x, dx)
+        plain = best_interleaved({"p": lambda: fn(x)}, repeats)["p"]
+        pytorch = best_interleaved({"p": lambda: fn(xd)}, repeats)["p"]
+        with jvp_mode("hook"):
+            ours = best_interleaved({"p": lambda: fn(xd)}, repeats)["p"]
+    return {"op": name, "forward_us": 1e6 * plain, "pytorch_fwd_ad_over_forward": pytorch / plain,
+            "diffdiv_rules_over_forward": ours / plain}
+
+
+def bench_ops(repeats: int = 200) -> list[dict]:
+    return [_op_row(name, fn, x, repeats) for name, (fn, x) in _op_cases().items()]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -354,6 +404,14 @@ def markdown(res: dict) -> str:
             lines.append(f"| {r['model']} | {r['params'] / 1e6:.2f}M | {1e3 * r['plain_forward_s']:.1f} | "
                          f"{r['forward_over_forward']:.2f}x | {r['forward_math_over_forward']:.2f}x | "
                          f"{r['fd_over_forward']:.2f}x |")
+    lines += ["", "## Per-op cost under forward-mode AD (digits-UNet sizes): time / the op's forward", "",
+              "One op on a dual tensor (made once, outside the timing), best of 200. PyTorch's rules: the "
+              "constant operand / parameters get a ZeroTensor tangent and ZeroTensor arithmetic is slow on CPU; "
+              "GroupNorm's rule is a decomposition. diffdiv's rules: `jvp_mode(\"hook\")`.", "",
+              "| op | forward us | PyTorch forward AD | diffdiv rules |", "|---|---|---|---|"]
+    for r in res["ops"]:
+        lines.append(f"| {r['op']} | {r['forward_us']:.0f} | {r['pytorch_fwd_ad_over_forward']:.1f}x | "
+                     f"{r['diffdiv_rules_over_forward']:.1f}x |")
     lines += ["", "## Attention alone (B=2, H=4, d=64): time / one SDPA forward", "",
               "reference = `attention_jvp_reference` (O(L^2): P and its tangent materialized); blockwise = "
               "`attention_jvp_blockwise` (query chunks of ~2^20 scores); both return primal and tangent.", "",
@@ -413,6 +471,8 @@ def main() -> None:
             d.eval()
             res["models"].append(bench_model(name, d, cond, args.batch, args.repeats))
             print(json.dumps(res["models"][-1]), flush=True)
+        res["ops"] = bench_ops()
+        print(json.dumps(res["ops"]), flush=True)
         res["attention_time"] = bench_attention_time(args.repeats)
         print(json.dumps(res["attention_time"]), flush=True)
         res["attention_memory"] = bench_attention_memory()
