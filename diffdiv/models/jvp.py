@@ -1,13 +1,20 @@
 """Jacobian-vector products through diffusers networks (sCM / rCM time derivatives).
 
 `jvp(fn, primals, tangents, method=..., attention=...)` returns `(fn(*primals), J_fn(primals) @ tangents)`:
-- "forward": forward-mode AD (`torch.autograd.forward_ad` dual tensors) with diffdiv's own rules for the
-  ops that dominate a diffusers network (`jvp_mode("hook")`): attention computes its primal and tangent together in one
-  replaceable function, `attention_jvp` (see `set_attention_jvp`; default "auto": the fused Triton kernel
-  on CUDA, the blockwise PyTorch path elsewhere, `diffdiv.models.attention_jvp`); GroupNorm uses a closed
-  form tangent instead of PyTorch's decomposition; conv2d / linear skip the zero weight-tangent term.
-- "forward_math": plain `torch.func.jvp` with SDPA forced to the math backend, whose decomposition has
-  forward-AD rules everywhere (no diffdiv rule involved: the independent check of "forward").
+- "forward": forward-mode AD on `torch.autograd.forward_ad` dual tensors, with diffdiv's rules for the ops
+  that dominate a diffusers network (`jvp_mode("hook")`, benchmarks/results/jvp.md):
+  * attention: primal and tangent from one call of the replaceable `attention_jvp` (`set_attention_jvp`,
+    or `jvp(..., attention=...)`). Dispatch (`diffdiv.models.attention_jvp.resolve_attention_jvp`):
+    "auto" (default) = the fused Triton kernel for CUDA fp32/fp16/bf16 tensors when triton imports, the
+    blockwise PyTorch path otherwise (measured no slower than the O(L^2) `attention_jvp_reference` on CPU
+    at every size, with O(L) memory); "reference" | "blockwise" | "triton" force one. The kernel sends
+    masks, causal, GQA and head dim > 128 to the blockwise path.
+  * GroupNorm / LayerNorm: closed-form tangent (the norm's own backward kernel; PyTorch decomposes);
+  * conv2d / linear: no zero weight-tangent term; elementwise add/sub/mul/div with one dual operand:
+    no ZeroTensor arithmetic (~0.1 ms per op in PyTorch on CPU).
+  Rules apply only while no graph is recorded (inside `jvp`, always); otherwise PyTorch's rules run.
+- "forward_math": `torch.func.jvp` with PyTorch's own rules and SDPA forced to the math backend (no diffdiv
+  rule involved: the independent check of "forward").
 - "fd": central finite difference `(fn(x + h v) - fn(x - h v)) / 2h` (three forward passes; the
   fallback for networks with ops that lack forward-AD rules).
 """
@@ -173,7 +180,8 @@ def _run_untracked(fn: Callable[..., tuple[Tensor, ...]], *xs: Tensor | None) ->
 
 
 class _SDPAWithJVP(torch.autograd.Function):
-    """SDPA whose primal uses the native kernels and whose forward-mode tangent uses `attention_jvp`."""
+    """SDPA whose primal uses the native kernels and whose forward-mode tangent uses `attention_jvp` (the
+    path taken only while a graph is recorded; it recomputes P for the tangent, which the dual path avoids)."""
 
     @staticmethod
     def forward(q, k, v, attn_mask, is_causal, scale, enable_gqa):
