@@ -165,3 +165,83 @@ def test_trigflow_view_jvp_vs_finite_difference(kind, nets):
 def test_jvp_rejects_bad_method():
     with pytest.raises(ValueError, match="unknown jvp method"):
         jvp(lambda x: x, (torch.ones(1),), (torch.ones(1),), method="reverse")
+
+
+# ------------------------------------------------------------------------------------------------
+# diffdiv's forward-AD rules (jvp_mode("hook")) vs PyTorch's own rules, float64
+# ------------------------------------------------------------------------------------------------
+
+
+def _rule_cases():
+    g = torch.Generator().manual_seed(7)
+
+    def r(*s, dtype=torch.float64):
+        return torch.randn(*s, generator=g, dtype=dtype)
+
+    F = torch.nn.functional
+    w8, b8, w6 = r(8), r(8), r(6)
+    y = r(2, 8, 4, 4)
+    conv_w, conv_b, lin_w, lin_b = r(5, 8, 3, 3), r(5), r(3, 6), r(3)
+    return {
+        "group_norm": (lambda x: F.group_norm(x, 4, w8, b8, 1e-5), r(2, 8, 4, 4)),
+        "group_norm_no_affine_3d": (lambda x: F.group_norm(x, 2, None, None, 1e-6), r(3, 8, 5)),
+        "group_norm_noncontiguous": (lambda x: F.group_norm(x.transpose(2, 3), 4, w8, b8), r(2, 8, 4, 4)),
+        "layer_norm": (lambda x: F.layer_norm(x, (6,), w6, None, 1e-5), r(2, 3, 6)),
+        "layer_norm_2d_no_affine": (lambda x: F.layer_norm(x, (3, 6)), r(2, 3, 6)),
+        "conv2d": (lambda x: F.conv2d(x, conv_w, conv_b, padding=1, stride=2), r(2, 8, 7, 7)),
+        "linear": (lambda x: F.linear(x, lin_w, lin_b), r(4, 5, 6)),
+        "scalar_mul_div": (lambda x: (2.0 * x) / 3.0 * 0.5, r(3, 4)),
+        "broadcast_add_sub": (lambda x: (y + x) - (y * x) + (x - y), r(2, 8, 1, 1)),
+        "alpha_rsub": (lambda x: torch.add(y, x, alpha=2.0) - torch.sub(y, x, alpha=0.5) + torch.rsub(x, 2.0)
+                       + (1.0 - x), r(2, 8, 4, 4)),
+        "methods_and_div_by_tensor": (lambda x: x.mul(y).div(y.abs() + 1) + torch.true_divide(x, 4.0), r(2, 8, 4, 4)),
+        "dual_denominator_falls_back": (lambda x: y / (x.abs() + 1), r(2, 8, 4, 4)),
+        "dtype_promotion": (lambda x: x.float() * y + x * y.float(), r(2, 8, 4, 4)),  # fp32 * fp64 const
+    }
+
+
+@pytest.mark.parametrize("name", list(_rule_cases()))
+def test_hook_rules_match_pytorch_forward_ad(name):
+    fn, x = _rule_cases()[name]
+    dx = torch.randn(x.shape, generator=torch.Generator().manual_seed(8), dtype=x.dtype)
+    out, tan = jvp(fn, (x,), (dx,), method="forward")
+    ref_out, ref_tan = torch.func.jvp(fn, (x,), (dx,))  # PyTorch's own rules (no jvp_mode)
+    assert out.dtype == ref_out.dtype and tan.dtype == ref_tan.dtype and tan.shape == ref_tan.shape
+    torch.testing.assert_close(out, ref_out, rtol=1e-12, atol=1e-12)
+    assert relative_error(tan, ref_tan) < (1e-12 if tan.dtype == torch.float64 else 1e-6)
+    if name != "dtype_promotion":  # float64 end to end: both vs a float64 central difference
+        assert relative_error(tan, fd64(fn, (x,), (dx,))) < 1e-7
+
+
+def test_hook_rules_leave_reverse_mode_alone(tmp_path):
+    """With a graph being recorded (parameters need grad), jvp_mode's rules defer to PyTorch: same gradients."""
+    from diffdiv.models.loading import load_denoiser
+    from diffdiv.models.tiny import build_tiny_unet2d
+
+    d = load_denoiser(build_tiny_unet2d(tmp_path / "u"))
+    net = d.trainable.double()
+    x, t = torch.randn(2, 1, 8, 8, dtype=torch.float64), torch.tensor([300.0, 700.0], dtype=torch.float64)
+
+    def grads():
+        net.zero_grad()
+        (net(x, t).sample ** 2).sum().backward()
+        return [p.grad.clone() for p in net.parameters()]
+
+    ref = grads()
+    with J.jvp_mode("hook"):
+        hooked = grads()
+    assert all(torch.allclose(a, b, rtol=1e-10, atol=1e-12) for a, b in zip(hooked, ref))
+
+
+def test_attention_mask_with_a_tangent_is_differentiated():
+    """An additive mask that depends on the input (rare) goes to PyTorch's math-backend rules, not dropped."""
+    g = torch.Generator().manual_seed(11)
+    q, k, v = (torch.randn(1, 2, 5, 8, generator=g, dtype=torch.float64) for _ in range(3))
+    m = torch.randn(5, 5, generator=g, dtype=torch.float64)
+
+    def fn(q, m):
+        return torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=m)
+
+    dq, dm = torch.randn_like(q), torch.randn_like(m)
+    _, tan = jvp(fn, (q, m), (dq, dm))
+    assert relative_error(tan, fd64(fn, (q, m), (dq, dm))) < 1e-8

@@ -9,10 +9,12 @@ acc_mu = sum e^{s-m} dS; then O = acc_O / l, mu = acc_mu / l, O' = acc_T / l - m
 - `attention_jvp_blockwise`: plain torch, chunked over queries (and optionally over keys with the online
   softmax above); peak extra memory B*H*block_q*block_k instead of B*H*Lq*Lk. Any shape, masks, causal,
   GQA, float64. The CPU default.
-- `attention_jvp_triton`: one fused Triton kernel (FlashAttention-2 style; fp32 accumulation; bf16/fp16/fp32
-  inputs; non-causal, no mask, head dim <= 128, equal q/k/v head counts, any Lq, Lk). `triton` is imported
-  on first use only.
-- `select_attention_jvp` / `resolve_attention_jvp`: the dispatch rule (auto | reference | blockwise | triton).
+- `attention_jvp_triton`: one fused Triton kernel (FlashAttention-2 style, one program per BLOCK_M queries of
+  one head, looping over key blocks; fp32 accumulation; bf16/fp16/fp32 inputs, any strides; non-causal, no
+  mask, head dim <= 128, equal q/k/v head counts, any Lq, Lk: edges masked). Other calls (masks, causal, GQA,
+  head dim > 128, float64) go to the blockwise path. `triton` is imported on first use only.
+- `resolve_attention_jvp`: the dispatch rule ("auto": Triton for CUDA fp32/fp16/bf16 tensors when triton
+  imports, else blockwise; or "reference" | "blockwise" | "triton"), used by `auto_attention_jvp`.
 """
 
 from __future__ import annotations
@@ -308,7 +310,8 @@ def _launch_fused(q: Tensor, k: Tensor, v: Tensor, tq: Tensor | None, tk: Tensor
     bm = block_m or 64
     bn = block_n or (64 if max(bd, bdv) <= 64 else 32)
     tq_, tk_, tv_ = (x if x is not None else y for x, y in ((tq, q), (tk, k), (tv, v)))
-    precision = "ieee" if q.dtype == torch.float32 else "tf32"  # half inputs are exact in tf32
+    # half inputs are exact in tf32; fp32 inputs follow PyTorch's own matmul setting (default: full fp32)
+    precision = "tf32" if q.dtype != torch.float32 or torch.backends.cuda.matmul.allow_tf32 else "ieee"
     grid = (triton.cdiv(lq, bm), B * H)
     kernel[grid](q, k, v, tq_, tk_, tv_, out, tout, H, lq, lk, d, dv, sc,
                  *q.stride(), *k.stride(), *v.stride(), *tq_.stride(), *tk_.stride(), *tv_.stride(),

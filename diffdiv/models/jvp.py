@@ -1,13 +1,20 @@
 """Jacobian-vector products through diffusers networks (sCM / rCM time derivatives).
 
 `jvp(fn, primals, tangents, method=..., attention=...)` returns `(fn(*primals), J_fn(primals) @ tangents)`:
-- "forward": forward-mode AD (`torch.autograd.forward_ad` dual tensors) with diffdiv's own rules for the
-  ops that dominate a diffusers network (`jvp_mode("hook")`): attention computes its primal and tangent together in one
-  replaceable function, `attention_jvp` (see `set_attention_jvp`; default "auto": the fused Triton kernel
-  on CUDA, the blockwise PyTorch path elsewhere, `diffdiv.models.attention_jvp`); GroupNorm uses a closed
-  form tangent instead of PyTorch's decomposition; conv2d / linear skip the zero weight-tangent term.
-- "forward_math": plain `torch.func.jvp` with SDPA forced to the math backend, whose decomposition has
-  forward-AD rules everywhere (no diffdiv rule involved: the independent check of "forward").
+- "forward": forward-mode AD on `torch.autograd.forward_ad` dual tensors, with diffdiv's rules for the ops
+  that dominate a diffusers network (`jvp_mode("hook")`, benchmarks/results/jvp.md):
+  * attention: primal and tangent from one call of the replaceable `attention_jvp` (`set_attention_jvp`,
+    or `jvp(..., attention=...)`). Dispatch (`diffdiv.models.attention_jvp.resolve_attention_jvp`):
+    "auto" (default) = the fused Triton kernel for CUDA fp32/fp16/bf16 tensors when triton imports, the
+    blockwise PyTorch path otherwise (measured no slower than the O(L^2) `attention_jvp_reference` on CPU
+    at every size, with O(L) memory); "reference" | "blockwise" | "triton" force one. The kernel sends
+    masks, causal, GQA and head dim > 128 to the blockwise path.
+  * GroupNorm / LayerNorm: closed-form tangent (the norm's own backward kernel; PyTorch decomposes);
+  * conv2d / linear: no zero weight-tangent term; elementwise add/sub/mul/div with one dual operand:
+    no ZeroTensor arithmetic (~0.1 ms per op in PyTorch on CPU).
+  Rules apply only while no graph is recorded (inside `jvp`, always); otherwise PyTorch's rules run.
+- "forward_math": `torch.func.jvp` with PyTorch's own rules and SDPA forced to the math backend (no diffdiv
+  rule involved: the independent check of "forward").
 - "fd": central finite difference `(fn(x + h v) - fn(x - h v)) / 2h` (three forward passes; the
   fallback for networks with ops that lack forward-AD rules).
 """
@@ -173,7 +180,8 @@ def _run_untracked(fn: Callable[..., tuple[Tensor, ...]], *xs: Tensor | None) ->
 
 
 class _SDPAWithJVP(torch.autograd.Function):
-    """SDPA whose primal uses the native kernels and whose forward-mode tangent uses `attention_jvp`."""
+    """SDPA whose primal uses the native kernels and whose forward-mode tangent uses `attention_jvp` (the
+    path taken only while a graph is recorded; it recomputes P for the tangent, which the dual path avoids)."""
 
     @staticmethod
     def forward(q, k, v, attn_mask, is_causal, scale, enable_gqa):
@@ -210,12 +218,16 @@ def _sdpa_hooked(query: Tensor, key: Tensor, value: Tensor, attn_mask: Tensor | 
     """SDPA inside `jvp_mode("hook")`: primal and tangent from one `attention_jvp` call (no second primal)."""
     if dropout_p > 0:
         raise ValueError("attention dropout has no deterministic JVP; put the network in eval mode")
-    parts = _dual_split(query, key, value, attn_mask)
-    if parts is not None and parts[3][1] is None:
-        (q, tq), (k, tk), (v, tv) = parts[:3]
-        if tq is None and tk is None and tv is None:
-            kw = {"enable_gqa": True} if enable_gqa else {}
-            return _ORIG_SDPA(q, k, v, attn_mask=attn_mask, is_causal=is_causal, scale=scale, **kw)
+    kw = {"enable_gqa": True} if enable_gqa else {}
+    (q, tq), (k, tk), (v, tv) = (fwAD.unpack_dual(x) for x in (query, key, value))
+    if tq is None and tk is None and tv is None:  # no tangent here: native SDPA (and its native backward)
+        return _ORIG_SDPA(query, key, value, attn_mask=attn_mask, is_causal=is_causal, scale=scale, **kw)
+    if isinstance(attn_mask, Tensor) and fwAD.unpack_dual(attn_mask).tangent is not None:
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        with sdpa_kernel(SDPBackend.MATH):  # a mask with a tangent: PyTorch's own rules
+            return _ORIG_SDPA(query, key, value, attn_mask=attn_mask, is_causal=is_causal, scale=scale, **kw)
+    if _dual_split(query, key, value, attn_mask) is not None:
 
         def both(q, k, v, tq, tk, tv, mask):
             return attention_jvp(q, k, v, tq, tk, tv, attn_mask=mask, is_causal=is_causal, scale=scale)
@@ -223,6 +235,7 @@ def _sdpa_hooked(query: Tensor, key: Tensor, value: Tensor, attn_mask: Tensor | 
         if any(torch._C._functorch.is_functorch_wrapped_tensor(x) for x in (q, k, v)):
             return fwAD.make_dual(*_run_untracked(both, q, k, v, tq, tk, tv, attn_mask))  # torch.func.jvp
         return fwAD.make_dual(*both(q, k, v, tq, tk, tv, attn_mask))
+    # a graph is being recorded: primal by SDPA, tangent by the hook (recomputes P), backward by the reference
     return _SDPAWithJVP.apply(query, key, value, attn_mask, is_causal, scale, enable_gqa)
 
 
