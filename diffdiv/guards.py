@@ -102,6 +102,35 @@ def x0_range_problem(model: Any, t: float, limit: float, data_desc: str, who: st
     return msg
 
 
+def check_distill_inputs(teacher: Any, configured: Any, data: Any, t_init: float | None,
+                         accelerator: Any) -> list[str]:
+    """Before distilling: ConfigError if the `data` section's Dataset (`configured`) does not match the teacher;
+    a warning (main process, returned) if the teacher's x0 at the one-step time is far outside the data range."""
+    from diffdiv.models.gmm import GaussianMixtureTeacher
+
+    if configured is not None:
+        check_data_shape(configured.sample_shape, teacher)
+    if isinstance(teacher, GaussianMixtureTeacher) or not accelerator.is_main_process:
+        return []
+    t0 = float(teacher.schedule.t_max if t_init is None else t_init)
+    msg = x0_range_problem(teacher.to(accelerator.device), t0, *range_limit(teacher, data))
+    if msg:
+        warn(msg)
+    return [msg] if msg else []
+
+
+def check_student_export(student: Any, meta: dict[str, Any], data: Any, earlier: list[str]) -> dict[str, Any]:
+    """meta with `warnings` (earlier ones + the student's x0 range at its first time, also printed)."""
+    from diffdiv.models.export import stored_t0
+
+    t0 = stored_t0(meta)
+    msg = None if t0 is None else x0_range_problem(student, t0, *range_limit(student, data), who="student")
+    if msg:
+        warn(msg)
+    warnings = list(earlier) + ([msg] if msg else [])
+    return {**meta, "warnings": warnings} if warnings else meta
+
+
 def feature_sample_warnings(rows: list[dict[str, Any]], dim: int | None, n_ref: int | None) -> list[str]:
     """Warnings (and `row['unreliable']` flags) for feature metrics computed from too few samples for `dim`."""
     if not dim:
@@ -133,5 +162,6 @@ def feature_sample_warnings(rows: list[dict[str, Any]], dim: int | None, n_ref: 
     return out
 
 
-__all__ = ["check_data_shape", "range_limit", "x0_range_problem", "feature_sample_warnings", "warn",
+__all__ = ["check_distill_inputs", "check_student_export", "check_data_shape", "range_limit", "x0_range_problem",
+           "feature_sample_warnings", "warn",
            "eps_gain_time"]

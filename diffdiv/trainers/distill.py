@@ -139,22 +139,10 @@ class DistillTrainer(Trainer):
                 self.data = Dataset(DataConfig(kind="digits"))
         self.sample_shape = tuple(self.teacher.sample_shape)
         self.conds = Conditions(cfg.cond, self.teacher)
-        self.guard_warnings = self.check_teacher_and_data()
+        from diffdiv.guards import check_distill_inputs
 
-    def check_teacher_and_data(self) -> list[str]:
-        """One-line error if `data` does not match the teacher; warning if the teacher's x0 at t_init is garbage."""
-        from diffdiv.guards import check_data_shape, range_limit, warn, x0_range_problem
-
-        if self.cfg.data is not None:
-            check_data_shape(self.data.sample_shape, self.teacher)
-        if isinstance(self.teacher, GaussianMixtureTeacher) or not self.accelerator.is_main_process:
-            return []
-        limit, desc = range_limit(self.teacher, self.data)
-        t0 = OneStepGenerator(self.teacher, self.cfg.student.t_init).t_init
-        msg = x0_range_problem(self.teacher.to(self.accelerator.device), t0, limit, desc)
-        if msg:
-            warn(msg)
-        return [msg] if msg else []
+        self.guard_warnings = check_distill_inputs(self.teacher, self.data if cfg.data is not None else None,
+                                                   self.data, self.cfg.student.t_init, self.accelerator)
 
     def make_student(self, role: str = "student") -> Denoiser:
         """A trainable copy of the base denoiser; with `student.lora` a LoRA adapter `role` on the shared base
@@ -206,7 +194,7 @@ class DistillTrainer(Trainer):
     # ------------------------------------------------------------------ export / eval
     def export_student(self, student: Denoiser, out_dir: Path, kind: str = "one_step",
                        extra: dict[str, Any] | None = None) -> Path:
-        from diffdiv.models.export import prepare_student_export, stored_t0
+        from diffdiv.models.export import prepare_student_export
         from diffdiv.models.loading import save_denoiser
 
         if isinstance(student, AdapterView):  # LoRA student: the adapter as a diffusers LoRA, plus the fused model
@@ -221,15 +209,9 @@ class DistillTrainer(Trainer):
         meta["teacher_guidance_scale"] = float(getattr(self.teacher, "guidance_scale", 1.0))  # distilled in
         meta.update(extra or {})
         scheduler, meta = prepare_student_export(student, meta)  # stock diffusers samples it like diffdiv
-        from diffdiv.guards import range_limit, warn, x0_range_problem
+        from diffdiv.guards import check_student_export
 
-        t0 = stored_t0(meta)
-        msg = None if t0 is None else x0_range_problem(student, t0, *range_limit(student, self.data), who="student")
-        if msg:
-            warn(msg)
-        warnings = list(getattr(self, "guard_warnings", [])) + ([msg] if msg else [])
-        if warnings:
-            meta["warnings"] = warnings
+        meta = check_student_export(student, meta, self.data, getattr(self, "guard_warnings", []))
         return save_denoiser(student, out_dir / "student", meta, scheduler=scheduler)
 
     def evaluate_student(self, student: Denoiser, steps_list: tuple[int, ...] = (1,), kind: str = "consistency",
