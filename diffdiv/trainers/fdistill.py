@@ -303,13 +303,18 @@ class FDistillTrainer(DistillTrainer):
                         logit_fake=float(l_fake.detach().float().mean()))
         return total.mean(), logs
 
-    def generator_step(self) -> tuple[Tensor, dict[str, float]]:
-        cfg = self.cfg
+    def generator_inputs(self) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Any]:
+        """One generator batch (x0, x_t, t, alpha, sigma, cond): x0 = G(z) with its graph, noised at t."""
         z = self.randn(*self.sample_shape)
         _, cond = self.draw_cond()
         x0 = self.generate(z, cond)
         t = self.sample_t()
         x_t, _, a, s = self.noise(x0, t)
+        return x0, x_t, t, a, s, cond
+
+    def generator_step(self) -> tuple[Tensor, dict[str, float]]:
+        cfg = self.cfg
+        x0, x_t, t, a, s, cond = self.generator_inputs()
         d_p, logits = self.teacher_and_logits(x_t, t, cond, grad=False)
         with torch.no_grad():
             d_q = self.critic.fake(x_t.detach(), t, cond)

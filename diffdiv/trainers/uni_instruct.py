@@ -55,11 +55,7 @@ class UniInstructTrainer(FDistillTrainer):
 
     def generator_step(self) -> tuple[Tensor, dict[str, float]]:
         cfg = self.cfg
-        z = self.randn(*self.sample_shape)
-        _, cond = self.draw_cond()
-        x0 = self.generate(z, cond)
-        t = self.sample_t()
-        x_t, _, a, s = self.noise(x0, t)
+        x0, x_t, t, a, s, cond = self.generator_inputs()
         graph = cfg.variant in ("uni_instruct", "sid", "sim")  # these differentiate through D_p, D_q
         d_p, logits = self.teacher_and_logits(x_t, t, cond, grad=graph)
         with torch.set_grad_enabled(graph):
