@@ -249,6 +249,7 @@ class RewardTrainer(Trainer):
         return meta
 
     def export(self, out_dir: Path) -> None:
+        from diffdiv.models.export import prepare_student_export
         from diffdiv.models.loading import save_denoiser
 
         policy = self.nets["policy"].module
@@ -257,6 +258,11 @@ class RewardTrainer(Trainer):
             model = merged_copy(policy)
         else:
             model = policy
-        save_denoiser(model, out_dir / "model", self.export_meta())
+        meta, scheduler = self.export_meta(), None
+        if self.export_kind != "diffusion":  # a consistency model (ROCM): the scheduler stock diffusers needs
+            scheduler, meta = prepare_student_export(model, meta)  # (VP times rounded to integer timesteps)
+            if "times" in meta:
+                meta["times"] = meta[f"times_{self.cfg.steps}"]
+        save_denoiser(model, out_dir / "model", meta, scheduler=scheduler)
         (out_dir / "reward_config.json").write_text(json.dumps({"reward": self.cfg.reward,
                                                                 "eval_reward": self.cfg.eval_reward}))
