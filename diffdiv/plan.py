@@ -716,6 +716,10 @@ def read_recipe(path: str | Path, arch_name: str | None = None) -> Recipe:
             return Net(name, p_train, trained=True, lora_params=p_lora, frozen_bytes=fb, ema=ema_on, unit_params=unit)
         return Net(name, p_train, trained=True, ema=ema_on, unit_params=unit)
 
+    def shared_lora(name: str, ema_on: bool) -> Net:
+        # LoRA students (student.lora): an adapter on the teacher's own network, no base copy of its own
+        return Net(f"{name} (LoRA on the teacher)", 0, trained=True, lora_params=p_lora, ema=ema_on, shard=False)
+
     small: list[Net] = []
     phases: dict[str, list[Forward]]
     if shape in ("fdistill", "uni_instruct"):
@@ -735,7 +739,7 @@ def read_recipe(path: str | Path, arch_name: str | None = None) -> Recipe:
             gen_fw += [Forward("trainable", 2.0 if cfg_on else 1.0), Forward("trainable")]  # teacher (CFG), fake
         phases = {"student": gen_fw, "fake_score": [Forward("trainable", count=2 if gan_on else 1)]}
         full = [student("generator", False, ema)] + nets
-        lora = [student("generator", True, ema)] + nets
+        lora = [shared_lora("generator", ema), teacher, shared_lora("fake score", False)]
     elif shape == "rcm":
         dmd = float(cfg.get("dmd_weight", 1.0)) > 0
         nets = [Net("teacher", p_train, frozen_bytes=fb, unit_params=unit)]
@@ -745,7 +749,7 @@ def read_recipe(path: str | Path, arch_name: str | None = None) -> Recipe:
         if dmd:
             phases["fake_score"] = [Forward("trainable")]
         full = [student("student", False, ema)] + nets
-        lora = [student("student", True, ema)] + nets
+        lora = [shared_lora("student", ema), nets[0]] + ([shared_lora("fake score", False)] if dmd else [])
         notes.append("rCM: the JVP runs without grad (transient, not counted)")
     elif shape == "di_star":
         nets = [Net("teacher", p_train, frozen_bytes=fb, unit_params=unit),
