@@ -133,7 +133,7 @@ def _distill(teacher: Path, out: Path, pixel: bool) -> dict[str, Path]:
                           "tangent_warmup=1", "dmd_start=1", *QUIET])
     FDistillTrainer(fd).train()
     m = RCMTrainer(rc).train()
-    assert m["final_student_loss"] > 0 and "final_fake_loss" in m  # the final table shows the losses
+    assert m["final_student_loss"] > 0 and "final_fake_score_loss" in m  # the final table shows the losses
     return {"fd": out / "fd" / "student", "rcm": out / "rcm" / "student"}
 
 
