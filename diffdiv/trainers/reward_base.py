@@ -440,7 +440,7 @@ class RewardMixin:
         if every and (last is None or self.clock.train_seconds() - last >= every):
             self.last_timed_eval = self.clock.train_seconds()
             with self.clock.excluded():
-                self.evaluate()
+                self.evaluation()  # full weights on rank 0 under FSDP2
         budget = getattr(self.cfg, "max_train_time_s", 0.0)
         if not budget or self.step == 0:
             return False
