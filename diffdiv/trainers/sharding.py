@@ -329,7 +329,7 @@ def sharded_state(nets: dict[str, Any], with_optim: set[str]) -> dict[str, Any]:
             continue
         sd[f"model.{name}"] = get_model_state_dict(n.module)
         if name in with_optim:
-            with requires_grad(n.params):  # the state-dict helper initializes empty states for these only
+            with requires_grad(n.params):  # the helper sees only parameters that require grad
                 sd[f"optim.{name}"] = get_optimizer_state_dict(n.module, n.optimizer)
         if n.ema is not None:
             sd[f"ema.{name}"] = {str(i): s for i, s in enumerate(n.ema.shadow_params)}
@@ -377,7 +377,8 @@ def load_sharded(path: Path, nets: dict[str, Any]) -> None:
             continue
         set_model_state_dict(n.module, sd[f"model.{name}"])
         if name in stepped:
-            set_optimizer_state_dict(n.module, n.optimizer, sd[f"optim.{name}"])
+            with requires_grad(n.params):  # the helper skips (drops) the states of frozen parameters
+                set_optimizer_state_dict(n.module, n.optimizer, sd[f"optim.{name}"])
         if n.ema is not None:
             loaded = sd[f"ema.{name}"]
             with torch.no_grad():
