@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from diffdiv.trainers.sharding import local, reshard
+from diffdiv.trainers.sharding import local
 
 
 @dataclass
@@ -84,12 +84,6 @@ def upcast_trained_(module: nn.Module, params: Iterable[nn.Parameter]) -> None:
                 setattr(m, name, b.float())
 
 
-def reshard_roots(n: Network) -> None:
-    """Free gathered FSDP copies so that the next forward sees the current requires_grad flags."""
-    for root in n.shard_roots:
-        reshard(root)
-
-
 def enable_gradient_checkpointing(module: nn.Module) -> tuple[list[str], list[str]]:
     """diffusers' `enable_gradient_checkpointing()` on every diffusers model in `module` that supports it.
 
@@ -117,19 +111,23 @@ def enable_gradient_checkpointing(module: nn.Module) -> tuple[list[str], list[st
 
 
 def set_trainable(nets: dict[str, Network], active: set[str]) -> None:
-    """requires_grad and train mode on for the networks in `active`, off for every other."""
+    """requires_grad and train mode on for the networks in `active`, off for every other.
+
+    A sharded (FSDP2) network keeps requires_grad on in every phase: FSDP copies the flag into its gathered
+    parameters only when it all-gathers (possibly inside `torch.func.jvp`, where changing it is an error) and
+    fixes its mixed-precision dtypes from it at the first forward. An inactive sharded network called with
+    grad enabled (Uni-Instruct's and DI*'s fake score in the generator phase) computes weight gradients that
+    nothing uses; they are cleared when its own phase starts."""
     for name, n in nets.items():
         for p in n.params:
-            p.requires_grad_(name in active)
+            p.requires_grad_(name in active or bool(n.shard_roots))
         n.module.train(name in active)
-        reshard_roots(n)
 
 
 def freeze_params(nets: dict[str, Network]) -> None:
     for n in nets.values():
         for p in n.params:
-            p.requires_grad_(False)
-        reshard_roots(n)
+            p.requires_grad_(bool(n.shard_roots))
 
 
 def grads_finite(nets: Iterable[Network]) -> bool:

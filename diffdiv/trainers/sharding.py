@@ -10,10 +10,12 @@ root's forward). With `mixed_precision: bf16` the blocks compute in bf16 from fp
 reduced in fp32) and the root's own layers (time embedding, conv_in/out) keep the master dtype, so model time
 is never rounded to bf16 (FSDP would otherwise cast the timestep input of the root to bf16).
 
-Two FSDP2 behaviours the trainer must respect (handled here): the mixed-precision dtypes of a parameter group
-are fixed at the root's first forward from the parameters' `requires_grad` at that moment (`prime_lazy_init`),
-and a parameter's `requires_grad` reaches its gathered copy only when it is all-gathered again (the root stays
-gathered after forward: `networks.set_trainable` calls `reshard` at every phase change).
+Two FSDP2 behaviours shape how phases freeze networks: the mixed-precision dtypes of a parameter group are
+fixed at the root's first forward from the parameters' `requires_grad` at that moment, and a parameter's
+`requires_grad` reaches its gathered copy only at an all-gather (which may run inside `torch.func.jvp`, where
+changing it raises). So sharded trained parameters keep requires_grad on in every phase
+(`networks.set_trainable`), and `prime_lazy_init` covers a first forward with some of them switched off (peft
+turns LoRA weights off while their adapters are disabled for the reference model).
 """
 
 from __future__ import annotations
@@ -159,9 +161,11 @@ def shard_module(module: nn.Module, mesh: Any, mixed_precision: str, reshard_aft
         shard = Shard(root, meta_skeleton(root), [n for n, p in root.named_parameters() if id(p) in train_ids])
         for u in units:
             fully_shard(u, mesh=mesh, reshard_after_forward=reshard_after_forward, mp_policy=block_mp)
-        # the root keeps FSDP's default (stay gathered after forward): a backward may need its layers without
-        # passing through its output (discriminator features taken at the mid block)
+        # the root's own layers stay gathered (FSDP's default after forward, and after backward too): a backward
+        # can reach them without passing through the root's output (discriminator features taken at the mid
+        # block), possibly after another call's backward has finished with them (the teacher called twice)
         fully_shard(root, mesh=mesh, mp_policy=root_mp)
+        root.set_reshard_after_backward(False, recurse=False)
         if shard.trainable:
             prime_lazy_init(root, shard.trainable)
         shards.append(shard)
@@ -172,10 +176,10 @@ def prime_lazy_init(root: nn.Module, trainable: list[str]) -> None:
     """Make FSDP's lazy init (at the root's first forward) see the trainable parameters as requiring grad.
 
     FSDP2 fixes each parameter group's original and reduce dtypes from `requires_grad` at that moment; a first
-    forward while the network is frozen (e.g. the generator inside a critic phase) would leave them unset and
-    break bf16 gradient reduction. One-shot hooks set the flags around that forward and restore them after.
+    forward with the trainable weights switched off (a LoRA reference pass) would leave them unset and break
+    bf16 gradient reduction. One-shot hooks set the flags around that forward and restore them after.
     """
-    saved: dict[str, bool] = {}
+    forced: list[str] = []
     handles: list[Any] = []
 
     def params() -> dict[str, nn.Parameter]:
@@ -184,14 +188,18 @@ def prime_lazy_init(root: nn.Module, trainable: list[str]) -> None:
 
     def before(m: nn.Module, args: Any) -> None:
         for n, p in params().items():
-            saved[n] = p.requires_grad
-            p.requires_grad_(True)
+            if not p.requires_grad:  # only touch what differs (requires_grad_ raises inside torch.func)
+                forced.append(n)
+                p.requires_grad_(True)
 
     def after(m: nn.Module, args: Any, out: Any) -> None:
         for h in handles:
             h.remove()
-        for n, p in params().items():
-            p.requires_grad_(saved.get(n, p.requires_grad))
+        if not forced:
+            return
+        named = params()
+        for n in forced:
+            named[n].requires_grad_(False)
         if not torch.is_grad_enabled():  # no backward to come: re-gather later with the restored flags
             reshard(root)
 
