@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from diffdiv.trainers.sharding import local
+from diffdiv.trainers.sharding import local, reshard
 
 
 @dataclass
@@ -110,6 +110,13 @@ def enable_gradient_checkpointing(module: nn.Module) -> tuple[list[str], list[st
     return on, off
 
 
+def reshard_roots(n: Network) -> None:
+    """After the sharded weights changed (optimizer step, EMA swap): drop the roots' gathered copies, which FSDP
+    keeps between forwards (the next forward gathers the new values)."""
+    for root in n.shard_roots:
+        reshard(root)
+
+
 def set_trainable(nets: dict[str, Network], active: set[str]) -> None:
     """requires_grad and train mode on for the networks in `active`, off for every other.
 
@@ -146,6 +153,7 @@ def apply_update(n: Network, clip: float, clip_fn: Any) -> float | None:
     """Clip, step, zero, warmup and EMA for one network; returns the pre-clip gradient norm (or None)."""
     gn = float(clip_fn(n.params, clip)) if clip > 0 else None
     n.optimizer.step()
+    reshard_roots(n)
     n.optimizer.zero_grad(set_to_none=True)
     if n.lr_sched is not None:
         n.lr_sched.step()
@@ -166,6 +174,7 @@ def ema_swapped(nets: Iterable[Network]) -> Iterator[None]:
             kept.append(None)
             n.ema.store(n.params)
         n.ema.copy_to(n.params)
+        reshard_roots(n)
     try:
         yield
     finally:
@@ -176,3 +185,4 @@ def ema_swapped(nets: Iterable[Network]) -> Iterator[None]:
                 with torch.no_grad():
                     for p, v in zip(n.params, k):
                         p.copy_(v)
+                reshard_roots(n)

@@ -163,7 +163,8 @@ def shard_module(module: nn.Module, mesh: Any, mixed_precision: str, reshard_aft
             fully_shard(u, mesh=mesh, reshard_after_forward=reshard_after_forward, mp_policy=block_mp)
         # the root's own layers stay gathered (FSDP's default after forward, and after backward too): a backward
         # can reach them without passing through the root's output (discriminator features taken at the mid
-        # block), possibly after another call's backward has finished with them (the teacher called twice)
+        # block), possibly after another call's backward has finished with them (the teacher called twice).
+        # So the gathered copy must be dropped whenever the sharded weights change (`networks.reshard_roots`).
         fully_shard(root, mesh=mesh, mp_policy=root_mp)
         root.set_reshard_after_backward(False, recurse=False)
         if shard.trainable:
