@@ -95,8 +95,8 @@ def enable_gradient_checkpointing(module: nn.Module) -> tuple[list[str], list[st
 
     on, off = [], []
     for name, m in module.named_modules():
-        if isinstance(m, ModelMixin):
-            try:
+        if isinstance(m, ModelMixin) and not any(name.startswith(f"{o}.") or not o for o in on + off):
+            try:  # the outermost diffusers model: it switches its nested ones (e.g. Transformer2DModel) too
                 m.enable_gradient_checkpointing()
                 on.append(name)
             except ValueError:  # the model does not support it
