@@ -108,9 +108,9 @@ def runs(models, tmp_path_factory) -> Path:
 @pytest.mark.slow
 @pytest.mark.multiprocess
 def test_two_sharded_ranks_match_one_process(models, runs, tmp_path):
-    # same global batches, so the same updates up to the reduction order of sums (as for DDP: 2 DDP ranks differ
-    # from 1 process by 3.1e-3 (f-distill) and 3.1e-4 (rCM) in the same norm); Adam amplifies that noise only on
-    # elements whose gradient is ~0, so compare update vectors in norm
+    # same global batches, so the same updates up to the reduction order of sums; Adam amplifies that noise only
+    # on elements whose gradient is ~0, so compare update vectors in norm (DDP is no closer: in a 4-step f-distill
+    # run 2 DDP ranks differ from 1 process by 3.1e-3, 2 FSDP2 ranks by 3.0e-3; rCM 3 steps: 3.1e-4 both)
     cases = [("fd", fd_job(models["sd"], tmp_path / "fd"), models["sd"] / "unet", 1e-2),
              ("rcm", rcm_job(models["unet"], tmp_path / "rcm"), models["unet"] / "unet", 2e-3)]
     for name, spec, init_dir, tol in cases:
@@ -123,7 +123,7 @@ def test_two_sharded_ranks_match_one_process(models, runs, tmp_path):
                     assert abs(h1[k] - h2[k]) <= 1e-4 * max(1.0, abs(h1[k])), (name, k, h1[k], h2[k])
         init = load_file(str(init_dir / "diffusion_pytorch_model.safetensors"))
         norm, rel = rel_update_diff(load_file(str(one / UNET_FILE)), load_file(str(two / UNET_FILE)), init)
-        assert norm > 1e-3 and rel < tol, (name, norm, rel)  # measured: fd 3.0e-3, rcm 3.1e-4
+        assert norm > 1e-3 and rel < tol, (name, norm, rel)  # measured: fd 4.6e-3, rcm 3.1e-4
     # DPOK: LoRA policy + value net; lora_B starts at 0, so its final value is the update (measured 1.7e-5)
     run_here(dpok_job(models["sd"], tmp_path / "dpok"))
     for h1, h2 in zip(history(tmp_path / "dpok"), history(runs / "dpok"), strict=True):
