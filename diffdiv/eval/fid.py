@@ -8,8 +8,10 @@ from torchmetrics.image.fid import FrechetInceptionDistance
 
 
 def make_fid(features: nn.Module) -> FrechetInceptionDistance:
-    """torchmetrics FID over a custom feature module (inputs passed through unchanged)."""
-    fid = FrechetInceptionDistance(feature=features, reset_real_features=False, normalize=False)
+    """torchmetrics FID over a custom feature module (inputs passed through unchanged); local to the calling
+    process (no sync: evaluation runs on rank 0 only, a sync would wait for ranks that never join)."""
+    fid = FrechetInceptionDistance(feature=features, reset_real_features=False, normalize=False,
+                                   sync_on_compute=False)
     return fid
 
 

@@ -10,7 +10,8 @@ Randomness for data and noise comes from `self.rng`, a generator shared by all r
 draws the *global* batch and keeps its slice (`randn`, `rand`, `randint`, `local`), so N processes
 see exactly the data one process would, and resume restores the stream exactly.
 Checkpoint files: `diffdiv.trainers.checkpoint`; network registry: `diffdiv.trainers.networks`;
-accelerator, signals and teardown: `diffdiv.trainers.runtime`.
+accelerator, signals and teardown: `diffdiv.trainers.runtime`; FSDP2 sharding (`distributed.strategy: fsdp2`):
+`diffdiv.trainers.sharding`.
 """
 
 from __future__ import annotations
@@ -27,16 +28,20 @@ import torch
 from torch import Tensor, nn
 
 from diffdiv.config import ConfigError, check, to_dict
+from diffdiv.models.base import Denoiser
 from diffdiv.models.loading import write_json_atomic
 from diffdiv.trainers import checkpoint as ckpt
+from diffdiv.trainers import sharding
 from diffdiv.trainers.conditions import Conditions
 from diffdiv.trainers.networks import (
     Network,
     apply_update,
     ema_swapped,
+    enable_gradient_checkpointing,
     freeze_params,
     grads_finite,
     make_network,
+    rebuild_network,
     set_trainable,
     weights_finite,
 )
@@ -81,6 +86,8 @@ class TrainConfig:
     overwrite: bool = False  # allow writing into an output_dir that holds another run's results
     max_train_time_s: float = 0.0  # > 0: stop after this much training time (evaluation excluded), >= 1 step
     eval_every_s: float = 0.0  # > 0: evaluate every this much training time, from step 0
+    distributed: sharding.DistributedConfig = field(default_factory=sharding.DistributedConfig)
+    gradient_checkpointing: bool = False  # diffusers activation checkpointing in the trained networks
 
     def validate(self) -> None:
         check(self.max_steps >= 0, f"max_steps must be >= 0, got {self.max_steps}")
@@ -94,6 +101,8 @@ class TrainConfig:
         check(self.max_nonfinite >= 1, "max_nonfinite must be >= 1")
         check(bool(self.output_dir), "output_dir must not be empty")
         check(self.max_train_time_s >= 0 and self.eval_every_s >= 0, "max_train_time_s and eval_every_s must be >= 0")
+        check(not (self.distributed.strategy == "fsdp2" and self.mixed_precision == "fp16"),
+              "distributed.strategy=fsdp2 supports mixed_precision no or bf16 (fp16 needs a sharded grad scaler)")
 
 
 def check_lr(name: str, lr: float) -> None:
@@ -157,6 +166,7 @@ class Trainer:
         self.stop_signal: int | None = None
         self.last_timed_eval: float | None = None
         self.conds: Conditions | None = None  # set by trainers whose models take conditions
+        self.shards: list[sharding.Shard] = []
 
     # ------------------------------------------------------------------ hooks for methods
     def preflight(self) -> None:
@@ -200,6 +210,11 @@ class Trainer:
     @property
     def rank(self) -> int:
         return self.accelerator.process_index if self.accelerator is not None else 0
+
+    @property
+    def sharded(self) -> bool:
+        """FSDP2 in use: `distributed.strategy: fsdp2` with more than one process (one process runs plain)."""
+        return self.cfg.distributed.strategy == "fsdp2" and self.world > 1
 
     @property
     def local_batch(self) -> int:
@@ -307,6 +322,8 @@ class Trainer:
             if n.ema is not None:
                 sd = n.ema.state_dict()
                 js["objects"][f"ema.{name}"] = {k: v for k, v in sd.items() if k != "shadow_params"}
+                if self.sharded:  # sharded shadows are written by every rank in write_models
+                    continue
                 for i, p in enumerate(sd["shadow_params"]):
                     tens[f"ema.{name}.{i}"] = p.detach().cpu().contiguous()
         for name, obj in self.stateful.items():
@@ -326,8 +343,11 @@ class Trainer:
         for name, n in self.nets.items():
             if n.ema is not None:
                 sd = dict(js["objects"][f"ema.{name}"])
-                count = len([k for k in tens if k.startswith(f"ema.{name}.")])
-                sd["shadow_params"] = [tens[f"ema.{name}.{i}"].to(self.device) for i in range(count)]
+                if self.sharded:  # read_models loaded the sharded shadows in place
+                    sd["shadow_params"] = n.ema.shadow_params
+                else:
+                    count = len([k for k in tens if k.startswith(f"ema.{name}.")])
+                    sd["shadow_params"] = [tens[f"ema.{name}.{i}"].to(self.device) for i in range(count)]
                 n.ema.load_state_dict(sd)
         for name, obj in self.stateful.items():
             sd = dict(js["objects"].get(name, {}))
@@ -336,16 +356,45 @@ class Trainer:
             obj.load_state_dict(sd)
 
     def write_models(self, path: Path) -> None:
-        """Networks, optimizers and accelerate's RNG states of this rank into a checkpoint dir."""
+        """Networks, optimizers and this rank's RNG states into a checkpoint dir (every rank calls this).
+
+        DDP: accelerate's `save_state`. FSDP2: each rank writes its shards of networks, optimizers and EMA
+        shadows with torch.distributed.checkpoint into `path/sharded/`, and its RNG states."""
+        if self.sharded:
+            sharding.save_sharded(path, self.nets)
+            ckpt.write_rng_state(path, self.rank)
+            return
         self.accelerator.save_state(str(path), safe_serialization=True)
 
     def read_models(self, path: Path) -> None:
+        if self.sharded:
+            sharding.load_sharded(path, self.nets)
+            ckpt.read_rng_state(path, self.rank)
+            return
         self.accelerator.load_state(str(path))
+
+    def all_finite(self, module_or_params: nn.Module | list[Tensor]) -> bool:
+        """Finite weights on every rank (sharded: each rank checks its shards, then all agree)."""
+        ok = weights_finite(module_or_params)
+        return not any_rank(not ok, self.world, self.device) if self.sharded else ok
+
+    def full_models(self):
+        """Context: rank 0 sees full (unsharded) copies of the sharded networks, for export and evaluation.
+        Every rank must enter it (the weights are gathered); a no-op without sharding."""
+        if not self.sharded:
+            return contextlib.nullcontext()
+        tops = [n.module for n in self.nets.values()] + list(self.frozen.values())
+        return sharding.full_weights(self.shards, tops, self.rank, self.device)
+
+    def evaluation(self) -> dict[str, float]:
+        """`evaluate()` with full weights on rank 0 when sharded; every rank calls this."""
+        with self.full_models():
+            return self.evaluate()
 
     def save_checkpoint(self) -> Path:
         """Atomic: every rank writes into a temp dir, rank 0 seals it with a manifest and renames."""
         for name, n in self.nets.items():
-            if not weights_finite(n.module):
+            if not self.all_finite(n.module):
                 raise TrainingError(f"refusing to checkpoint: network '{name}' has non-finite weights")
         return ckpt.save_checkpoint(self.accelerator, self.ckpt_dir, self.state.step, self.cfg.keep_last,
                                     self.state_payload, self.write_models)
@@ -359,8 +408,14 @@ class Trainer:
                               "(set overwrite=true or choose another output_dir)")
 
     def prepare_networks(self) -> None:
-        """Move frozen and trained networks to the device; wrap trained ones (DDP) with their optimizers."""
+        """Move frozen and trained networks to the device; wrap trained ones (DDP) with their optimizers, or
+        shard them (FSDP2)."""
         acc = self.accelerator
+        if self.cfg.gradient_checkpointing:
+            self.enable_checkpointing()
+        if self.sharded:
+            self.shard_networks()
+            return
         for m in self.frozen.values():
             m.to(acc.device)
         for n in self.nets.values():
@@ -372,6 +427,62 @@ class Trainer:
                 if n.ema is not None:
                     n.ema.to(acc.device)
         freeze_params(self.nets)
+
+    def enable_checkpointing(self) -> None:
+        """diffusers' gradient checkpointing in every trained network that has diffusers models."""
+        on, off = [], []
+        for name, n in self.nets.items():
+            if n.trained:
+                a, b = enable_gradient_checkpointing(n.module)
+                on += [f"{name}.{x}" if x else name for x in a]
+                off += [f"{name}.{x}" if x else name for x in b]
+        self.print(f"gradient checkpointing on for: {', '.join(on) or 'none'}"
+                   + (f"; not applied (not a diffusers model that supports it): {', '.join(off)}" if off else ""))
+
+    def shard_networks(self) -> None:
+        """FSDP2: shard frozen denoisers (`shard_frozen`) and every trained network, then rebuild each trained
+        network's optimizer, warmup and EMA on its sharded parameters (nothing is `acc.prepare`d)."""
+        acc, dc, mp = self.accelerator, self.cfg.distributed, self.cfg.mixed_precision
+        mesh = sharding.device_mesh(acc.device, self.world)
+        for m in self.frozen.values():
+            m.to(acc.device)
+            if dc.shard_frozen and isinstance(m, Denoiser):
+                self.shards += sharding.shard_module(m, mesh, mp, dc.reshard_after_forward)
+        for name, n in list(self.nets.items()):
+            n.module.to(acc.device)
+            for p in n.params:
+                p.requires_grad_(True)
+            if not n.trained:
+                continue
+            names = sharding.param_names(n.module, n.params)
+            self.shards += sharding.shard_module(n.module, mesh, mp, dc.reshard_after_forward, n.params)
+            rebuilt = rebuild_network(n, n.module, sharding.params_by_name(n.module, names))
+            rebuilt.shard_roots = sharding.shard_roots(n.module)
+            plain = [k for k, p in n.module.named_parameters() if not sharding.is_dtensor(p)]
+            if plain:
+                raise TrainingError(f"network '{name}': parameters outside every FSDP root ({plain[0]}, ...)")
+            self.nets[name] = rebuilt
+            if rebuilt.lr_sched is not None:
+                self.register_state(f"lr.{name}", rebuilt.lr_sched)
+        freeze_params(self.nets)
+        self.report_shards()
+
+    def report_shards(self) -> None:
+        """Every rank's local shard sizes (measured on the local tensors) -> `output_dir/sharding.json`."""
+        mine = {name: sharding.shard_stats(n.module) for name, n in self.nets.items() if n.shard_roots}
+        mine.update({f"frozen.{name}": sharding.shard_stats(m) for name, m in self.frozen.items()
+                     if any(sharding.is_dtensor(p) for p in m.parameters())})
+        every: list[Any] = [None] * self.world
+        torch.distributed.all_gather_object(every, mine)
+        if not self.accelerator.is_main_process:
+            return
+        table = {name: {"full_numel": every[0][name]["full_numel"],
+                        "local_numel": [r[name]["local_numel"] for r in every],
+                        "local_bytes": [r[name]["local_bytes"] for r in every]} for name in mine}
+        write_json_atomic(self.out / "sharding.json", {"world": self.world, "strategy": "fsdp2", "networks": table})
+        self.print("fsdp2: " + "; ".join(f"{k} {v['full_numel']:,} params, rank0 holds "
+                                         f"{v['local_numel'][0] / max(v['full_numel'], 1):.3f}"
+                                         for k, v in table.items()))
 
     def setup(self) -> None:
         """Create the accelerator, build networks, prepare them, resume. Idempotent."""
@@ -411,7 +522,9 @@ class Trainer:
             ctx = contextlib.ExitStack()
             if micro < cfg.grad_accum - 1 and self.world > 1:
                 for name in names:
-                    ctx.enter_context(acc.no_sync(self.nets[name].wrapped))
+                    n = self.nets[name]
+                    ctx.enter_context(sharding.gradient_sync_off(n.shard_roots) if self.sharded
+                                      else acc.no_sync(n.wrapped))
             with ctx, acc.autocast():
                 loss, parts = self.loss(phase, micro)
                 finite = finite and bool(torch.isfinite(loss.detach()).all())
@@ -420,11 +533,12 @@ class Trainer:
                 logs[f"{phase}/{k}"] = logs.get(f"{phase}/{k}", 0.0) + float(v) / cfg.grad_accum
         nets = [self.nets[name] for name in names]
         ok = not any_rank(not (finite and grads_finite(nets)), self.world, acc.device)  # skip on every rank
+        clip_fn = sharding.clip_grad_norm if self.sharded else acc.clip_grad_norm_
         for name, n in zip(names, nets):
             if not ok:
                 n.optimizer.zero_grad(set_to_none=True)
                 continue
-            gn = apply_update(n, cfg.grad_clip if n.grad_clip is None else n.grad_clip, acc.clip_grad_norm_)
+            gn = apply_update(n, cfg.grad_clip if n.grad_clip is None else n.grad_clip, clip_fn)
             if gn is not None:
                 logs[f"{phase}/grad_norm_{name}"] = gn
         if not ok:
@@ -474,14 +588,14 @@ class Trainer:
         if every and (self.last_timed_eval is None or self.clock.train_seconds() - self.last_timed_eval >= every):
             self.last_timed_eval = self.clock.train_seconds()
             with self.clock.excluded():
-                self.evaluate()
+                self.evaluation()  # full weights on rank 0 under FSDP2
 
     def periodic(self) -> None:
         """Evaluation (excluded from the training clock) and checkpoints due at this step."""
         cfg, step = self.cfg, self.state.step
         if cfg.eval_every and step % cfg.eval_every == 0:
             with self.clock.excluded():
-                ev = self.evaluate()
+                ev = self.evaluation()
             if ev and cfg.log_with:
                 self.accelerator.log({f"eval/{k}": v for k, v in ev.items()}, step=step)
         if (cfg.checkpoint_every and step % cfg.checkpoint_every == 0) or self.stop_signal is not None:
@@ -533,12 +647,13 @@ class Trainer:
         metrics: dict[str, Any] = {}
         with self.ema_weights():
             for name, n in self.nets.items():
-                if not weights_finite(n.params):
+                if not self.all_finite(n.params):
                     raise TrainingError(f"refusing to export: network '{name}' has non-finite weights")
-            if acc.is_main_process:
-                self.export(self.out)
-            acc.wait_for_everyone()
-            metrics.update(self.evaluate())
+            with self.full_models():  # sharded: every rank gathers, rank 0 exports full weights
+                if acc.is_main_process:
+                    self.export(self.out)
+                acc.wait_for_everyone()
+                metrics.update(self.evaluate())
         metrics["train_time_s"] = train_time
         metrics["steps"] = self.state.step
         metrics["nonfinite_total"] = self.state.nonfinite_total

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import random
 import shutil
 import time
 from collections.abc import Callable
@@ -182,6 +183,35 @@ def resume_checkpoint(ckpt_dir: Path, resume: str | None, read_models: Callable[
             continue
         return ck
     return None
+
+
+def write_rng_state(path: Path, rank: int) -> None:
+    """This rank's global RNG states (torch CPU and CUDA, Python, NumPy), no pickle (sharded checkpoints)."""
+    import numpy as np
+
+    tens = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        tens.update({f"cuda.{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
+    save_file(tens, str(Path(path) / f"rng_state_{rank}.safetensors"))
+    version, state, gauss = random.getstate()
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    js = {"python": [version, list(state), gauss], "numpy": [name, keys.tolist(), pos, has_gauss, cached]}
+    (Path(path) / f"rng_state_{rank}.json").write_text(json.dumps(js))
+
+
+def read_rng_state(path: Path, rank: int) -> None:
+    import numpy as np
+
+    tens = load_file(str(Path(path) / f"rng_state_{rank}.safetensors"))
+    torch.set_rng_state(tens["torch"])
+    cuda = [tens[f"cuda.{i}"] for i in range(len([k for k in tens if k.startswith("cuda.")]))]
+    if cuda and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(cuda)
+    js = json.loads((Path(path) / f"rng_state_{rank}.json").read_text())
+    version, state, gauss = js["python"]
+    random.setstate((version, tuple(state), gauss))
+    name, keys, pos, has_gauss, cached = js["numpy"]
+    np.random.set_state((name, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
 
 
 def tensors_to_cpu(sd: dict[str, Any]) -> dict[str, Tensor]:

@@ -70,6 +70,11 @@ class DistillConfig(TrainConfig):
         check_lr("lr_fake", self.lr_fake)
         check(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), "betas must be two numbers in [0, 1)")
         check(self.fake_updates >= 1, "fake_updates must be >= 1")
+        if self.student.lora.enabled:  # the roles share one network: one sharding, one recompute per call
+            check(self.distributed.strategy != "fsdp2", "student.lora with distributed.strategy=fsdp2 is not "
+                  "supported yet (the student and fake-score adapters share one base network); use ddp")
+            check(not self.gradient_checkpointing, "student.lora with gradient_checkpointing is not supported yet "
+                  "(the recompute would run under whichever adapter is active)")
         check(0 <= self.t_lo < self.t_hi <= 1, "need 0 <= t_lo < t_hi <= 1")
         check(self.eval_samples >= 0, "eval_samples must be >= 0")
 
