@@ -967,6 +967,10 @@ def candidate_scenarios(recipe: Recipe, base: Scenario) -> Iterator[Scenario]:
                         frozen_bf16=b16)
     most = r(base, strategy="fsdp2", gradient_checkpointing=True, frozen_bf16=bf16[-1])
     yield from _halved(most)
+    if recipe.shape in ("fdistill", "uni_instruct", "rcm"):  # LoRA students run with DDP, no checkpointing (yet)
+        if not base.gradient_checkpointing:
+            yield r(base, strategy="ddp", lora=True, frozen_bf16=bf16[-1])
+        return
     for gc in (False, True):
         yield r(base, lora=True, gradient_checkpointing=gc or base.gradient_checkpointing, frozen_bf16=bf16[-1])
     yield r(most, lora=True)

@@ -274,8 +274,8 @@ def test_gradient_checkpointing_switch_on_trained_networks(models, tmp_path, cap
     assert tr.nets["fake_score"].module.fake.unet.is_gradient_checkpointing
     assert not tr.teacher.unet.is_gradient_checkpointing  # frozen: not trained
     out = capsys.readouterr().out
-    assert "gradient checkpointing on for: gen.unet, critic.fake.unet" in out
-    assert "not applied (not a diffusers model that supports it): critic.heads" in out
+    assert "gradient checkpointing on for: student.unet, fake_score.fake.unet" in out
+    assert "not applied (not a diffusers model that supports it): fake_score.heads" in out
 
 
 def test_bf16_teacher_gives_fp32_master_student(models, tmp_path):
