@@ -170,13 +170,13 @@ def test_sharded_resume_is_bitwise(runs):
 @pytest.mark.slow
 @pytest.mark.multiprocess
 def test_every_method_runs_sharded_in_bf16(models, tmp_path):
-    """Uni-Instruct, DI*, IPRO and ROCM (LoRA on a bf16 model) and sCM (JVP through the sharded student), in bf16:
-    fp32 master shards, bf16 block compute, finite, exported."""
+    """Uni-Instruct (with gradient checkpointing), DI*, IPRO and ROCM (LoRA on a bf16 model) and sCM (JVP through
+    the sharded student), in bf16: fp32 master shards, bf16 block compute, finite, exported."""
     sd, unet = models["sd"], models["unet"]
     bf = [*SHARDED, "mixed_precision=bf16", "checkpoint_every=1", "max_steps=1"]
     jobs = {
         "ui": job("diffdiv.trainers.uni_instruct:UniInstructTrainer", "tiny_sd_fdistill_js.yaml", f"teacher.path={sd}",
-                  "method=uni_instruct", "divergence=fkl", "eval_samples=2", *bf),
+                  "method=uni_instruct", "divergence=fkl", "eval_samples=2", "gradient_checkpointing=true", *bf),
         "di_star": job("diffdiv.trainers.di_star:DIStarTrainer", "tiny_sd_di_star.yaml", f"teacher.path={sd}",
                        "batch_size=2", "eval_samples=2", "eval_batch=2", "ref_steps=2", *bf),
         "ipro": job("diffdiv.trainers.ipro:IPROTrainer", "tiny_sd_ipro.yaml", f"model.path={sd}",

@@ -469,20 +469,12 @@ class Trainer:
 
     def report_shards(self) -> None:
         """Every rank's local shard sizes (measured on the local tensors) -> `output_dir/sharding.json`."""
-        mine = {name: sharding.shard_stats(n.module) for name, n in self.nets.items() if n.shard_roots}
-        mine.update({f"frozen.{name}": sharding.shard_stats(m) for name, m in self.frozen.items()
-                     if any(sharding.is_dtensor(p) for p in m.parameters())})
-        every: list[Any] = [None] * self.world
-        torch.distributed.all_gather_object(every, mine)
-        if not self.accelerator.is_main_process:
-            return
-        table = {name: {"full_numel": every[0][name]["full_numel"],
-                        "local_numel": [r[name]["local_numel"] for r in every],
-                        "local_bytes": [r[name]["local_bytes"] for r in every]} for name in mine}
-        write_json_atomic(self.out / "sharding.json", {"world": self.world, "strategy": "fsdp2", "networks": table})
-        self.print("fsdp2: " + "; ".join(f"{k} {v['full_numel']:,} params, rank0 holds "
-                                         f"{v['local_numel'][0] / max(v['full_numel'], 1):.3f}"
-                                         for k, v in table.items()))
+        modules = {name: n.module for name, n in self.nets.items() if n.shard_roots}
+        modules.update({f"frozen.{name}": m for name, m in self.frozen.items() if sharding.is_sharded(m)})
+        table = sharding.shard_table(modules, self.world)
+        if self.accelerator.is_main_process:
+            write_json_atomic(self.out / "sharding.json", table)
+            self.print(sharding.describe(table))
 
     def setup(self) -> None:
         """Create the accelerator, build networks, prepare them, resume. Idempotent."""

@@ -269,6 +269,26 @@ def shard_stats(module: nn.Module) -> dict[str, int]:
             "local_bytes": sum(local(p).numel() * local(p).element_size() for p in ps)}
 
 
+def is_sharded(module: nn.Module) -> bool:
+    return any(is_dtensor(p) for p in module.parameters())
+
+
+def shard_table(modules: dict[str, nn.Module], world: int) -> dict[str, Any]:
+    """Collective: every rank's `shard_stats` of each module, as {"world", "networks": {name: per-rank lists}}."""
+    mine = {name: shard_stats(m) for name, m in modules.items()}
+    every: list[Any] = [None] * world
+    torch.distributed.all_gather_object(every, mine)
+    nets = {name: {"full_numel": every[0][name]["full_numel"], "local_numel": [r[name]["local_numel"] for r in every],
+                   "local_bytes": [r[name]["local_bytes"] for r in every]} for name in mine}
+    return {"world": world, "strategy": "fsdp2", "networks": nets}
+
+
+def describe(table: dict[str, Any]) -> str:
+    return "fsdp2: " + "; ".join(f"{k} {v['full_numel']:,} params, rank 0 holds "
+                                 f"{v['local_numel'][0] / max(v['full_numel'], 1):.3f}"
+                                 for k, v in table["networks"].items())
+
+
 # ---------------------------------------------------------------------------------------------- full weights
 def full_state_dict(root: nn.Module) -> dict[str, Tensor]:
     """Collective: the root's full (unsharded) state dict on CPU, on rank 0 only (empty elsewhere)."""
