@@ -31,7 +31,8 @@ def launch(jobs: list[dict], tmp: Path, mixed_precision: str = "no") -> None:
     spec = tmp / f"jobs_{len(list(tmp.glob('jobs_*')))}.json"
     spec.write_text(json.dumps(jobs))
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-           "--main_process_port", "0", "--num_machines", "1", "--mixed_precision", mixed_precision, "--dynamo_backend", "no",
+           "--main_process_port", "0", "--num_machines", "1", "--mixed_precision", mixed_precision,
+           "--dynamo_backend", "no",
            str(ROOT / "tests" / "fsdp_runner.py"), str(spec)]
     p = subprocess.run(cmd, cwd=ROOT, env=dict(ENV, FSDP_RUNNER_TIMEOUT="280"), capture_output=True, text=True,
                        timeout=320)
