@@ -20,13 +20,13 @@ acc_mu = sum e^{s-m} dS; then O = acc_O / l, mu = acc_mu / l, O' = acc_T / l - m
 from __future__ import annotations
 
 import functools
-import importlib.util
 import math
-import os
 from collections.abc import Callable
 
 import torch
 from torch import Tensor
+
+from diffdiv.triton_env import triton_available, triton_interpreting
 
 ATTENTION_JVP_MODES = ("auto", "reference", "blockwise", "triton")
 TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -176,23 +176,6 @@ def attention_jvp_blockwise(q: Tensor, k: Tensor, v: Tensor, tq: Tensor | None, 
 # ----------------------------------------------------------------------------------------------
 # Fused Triton kernel (lazy import)
 # ----------------------------------------------------------------------------------------------
-
-
-@functools.lru_cache(maxsize=1)
-def triton_available() -> bool:
-    """True when the `triton` package imports."""
-    if importlib.util.find_spec("triton") is None:
-        return False
-    try:
-        import triton  # noqa: F401
-    except Exception:
-        return False
-    return True
-
-
-def triton_interpreting() -> bool:
-    """TRITON_INTERPRET=1: Triton kernels run on CPU tensors (slowly; for tests)."""
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 def triton_supports(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None = None,

@@ -7,8 +7,6 @@ otherwise (float64 inputs always use PyTorch: the kernel computes in fp32).
 
 from __future__ import annotations
 
-import functools
-import importlib.util
 import os
 from types import ModuleType
 
@@ -16,25 +14,10 @@ import torch
 from torch import Tensor
 
 from diffdiv.divergence.kernels import reference
+from diffdiv.triton_env import triton_available, triton_interpreting
 
 BACKENDS = ("auto", "torch", "triton")
 _KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-
-
-@functools.lru_cache(maxsize=1)
-def triton_available() -> bool:
-    """True when the `triton` package can be imported."""
-    if importlib.util.find_spec("triton") is None:
-        return False
-    try:
-        import triton  # noqa: F401
-    except Exception:
-        return False
-    return True
-
-
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 def resolve_backend(backend: str, x: Tensor) -> str:
@@ -51,7 +34,7 @@ def resolve_backend(backend: str, x: Tensor) -> str:
     if backend == "triton":
         if not triton_available():
             raise RuntimeError("kernel backend 'triton' requested but triton is not importable")
-        if not x.is_cuda and not _interpreting():
+        if not x.is_cuda and not triton_interpreting():
             raise RuntimeError("kernel backend 'triton' on CPU tensors needs TRITON_INTERPRET=1 "
                                "set before import")
         if x.dtype not in _KERNEL_DTYPES:
