@@ -12,7 +12,8 @@ round in minibatches of `train_batch`, the PPO-clip loss summed over all timeste
 AdamW step (gradient norm clipped to 1). Evaluation follows `diffdiv.trainers.rewarding.RewardKit.evaluate`:
 `eval_samples` fixed noises (generator seeded eval_seed + batch start, initial noise then one noise per step),
 prompts in turn, fine-tuned and initial UNet on the same noise; reward, and `paired_mse` = mean squared pixel
-difference of the two models' images (the drift).
+difference of the two models' images (the drift), and the diversity ratio (mean pairwise pixel distance of the
+fine-tuned over the initial model's images).
 """
 
 from __future__ import annotations
@@ -108,7 +109,7 @@ def sample(p: Pipe, unet, z: torch.Tensor, emb, noises: list[torch.Tensor], eta:
 def evaluate(p: Pipe, unet, ref_unet, prompts: list[str], n: int, batch: int, seed: int, eta: float,
              cache: dict) -> dict[str, float]:
     """Reward of the fine-tuned and initial UNet on the same noise and prompts; paired pixel MSE (drift)."""
-    rp, rr, mse = [], [], []
+    rp, rr, mse, ip, ir = [], [], [], [], []
     shape = (p.unet.config.in_channels, p.unet.config.sample_size, p.unet.config.sample_size)
     for start in range(0, n, batch):
         b = min(batch, n - start)
@@ -129,10 +130,14 @@ def evaluate(p: Pipe, unet, ref_unet, prompts: list[str], n: int, batch: int, se
         rp.append(jpeg_reward(out["policy"]))
         rr.append(jpeg_reward(out["reference"]))
         mse.append(((out["policy"] - out["reference"]) ** 2).flatten(1).mean(1))
+        ip.append(out["policy"])
+        ir.append(out["reference"])
     rp, rr, mse = torch.cat(rp).double(), torch.cat(rr).double(), torch.cat(mse)
+    spread = lambda x: float(torch.cdist(x, x).sum() / (len(x) * (len(x) - 1)))  # noqa: E731  mean pairwise L2
     return {"reward_policy": float(rp.mean()), "reward_reference": float(rr.mean()),
             "reward_policy_sem": float(rp.std() / math.sqrt(len(rp))), "reward_gain": float(rp.mean() - rr.mean()),
-            "paired_mse": float(mse.mean())}
+            "paired_mse": float(mse.mean()),
+            "diversity_ratio": spread(torch.cat(ip).flatten(1).double()) / spread(torch.cat(ir).flatten(1).double())}
 
 
 def train(pipe: str, budget: float, seed: int = 0, prompts: list[str] | None = None, lr: float = 1e-3,

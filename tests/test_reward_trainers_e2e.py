@@ -132,8 +132,10 @@ def _check_export(tr, out, folder="model"):
 
 def test_ipro_tiny_sd_end_to_end(tiny_sd, tmp_path):
     tr, m, out = _train(IPROTrainer, "tiny_sd_ipro.yaml", tmp_path, f"model.path={tiny_sd}", "max_steps=3",
-                        "batch_size=2", "steps=3", "grad_steps=2", "eta=0.5", "lora.enabled=true")
+                        "batch_size=2", "steps=3", "grad_steps=2", "eta=0.5", "lora.enabled=true",
+                        "timesteps=uniform")
     assert m["steps"] == 3 and (out / "lora" / "pytorch_lora_weights.safetensors").is_file()
+    torch.testing.assert_close(tr.times, torch.tensor([999.0, 666.0, 333.0, 0.0], dtype=torch.float64))
     metrics = _check_export(tr, out)
     assert metrics["path_kl"] > 0  # the adapters moved the policy away from the reference
     assert {"eval_reward_policy", "eval_reward_gain"} <= set(metrics)
@@ -186,7 +188,7 @@ def test_rocm_unet2d_digits_reward(tiny_unet, tmp_path):
     """ROCM through a 2-step chain of an unconditional UNet2DModel (peft-injected LoRA), digits reward."""
     tr, m, out = _train(ROCMTrainer, "tiny_sd_rocm.yaml", tmp_path, f"model.path={tiny_unet}", "max_steps=2",
                         "batch_size=4", "steps=2", "divergence=hellinger", "reward={name: digits, target: 3}",
-                        "eval_reward=null", "cond.prompt_list=null")
+                        "eval_reward=null", "cond.prompt_list=null", "lora.enabled=true")
     assert (out / "lora" / "adapter_model.safetensors").is_file()
     metrics = _check_export(tr, out)
     assert metrics["path_kl"] > 0 and "path_hellinger" in metrics
@@ -247,6 +249,8 @@ def test_one_line_errors(tiny_sd, tmp_path, capsys):
     assert "not differentiable" in capsys.readouterr().err
     with pytest.raises(ConfigError, match="eta > 0"):
         load_config(DPOKTrainer.config_cls, ROOT / "configs/tiny_sd_dpok.yaml", ["eta=0"])
+    with pytest.raises(ConfigError, match="uniform only"):
+        load_config(DPOKTrainer.config_cls, ROOT / "configs/tiny_sd_dpok.yaml", ["t_start=990"])
     with pytest.raises(ConfigError, match="model.path"):
         DPOKTrainer(load_config(DPOKTrainer.config_cls, None, [f"model.path={tmp_path}/nope"])).preflight()
     with pytest.raises(ConfigError, match="unknown reward"):
