@@ -283,7 +283,8 @@ def test_dpok_two_processes_match_one(tiny_unet, tmp_path):
     args = ["--config", str(ROOT / "configs/tiny_sd_dpok.yaml"), f"model.path={tiny_unet}", *FAST, "eval_samples=0",
             "cond.prompt_list=null", "batch_size=4", "sample_batch=4", "steps=3", "updates_per_round=2",
             "max_steps=4", "checkpoint_every=4", "advantage=batch", "reward={name: digits, target: 3}",
-            "lr=1e-4"]  # small steps: Adam's first update ~ lr sign(g) would amplify reduction-order noise
+            "lr=1e-4",  # small steps: Adam's first update ~ lr sign(g) would amplify reduction-order noise
+            "lora.enabled=true", "timesteps=uniform"]  # the DDPM-config UNet's DDIM grid ends on alpha = 1
     launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
     script = str(ROOT / "train" / "dpok.py")
