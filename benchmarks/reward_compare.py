@@ -1,14 +1,17 @@
-"""DPOK vs IPRO-style K-step backprop vs ROCM vs DI* on one tiny text-to-image pipeline, one reward (JPEG
-compressibility), one wall-clock training budget; each with the default divergence weight and with 0.
+"""Reward gain per second of DPOK, IPRO, ROCM and DI* against a DDPO-style baseline, on tiny SD pipelines.
 
-    OMP_NUM_THREADS=1 python benchmarks/reward_compare.py [--budget 150] [--methods dpok,ipro,rocm,di_star]
+    OMP_NUM_THREADS=1 python benchmarks/reward_compare.py [--budget 60] [--seeds 0,1,2] [--pretrain-steps 0,1500]
 
-Writes benchmarks/results/reward_compare.{json,md,png}. The recipes are configs/tiny_sd_<method>.yaml;
-the pipeline is diffdiv.models.tiny.build_tiny_sd(seed 0), optionally pre-trained for a few minutes
-(--pretrain-steps) so that the reference is a real (if tiny) text-conditional distribution.
-DPOK trains on the true JPEG size; the differentiable methods train on the library's DCT surrogate and
-report the true JPEG size as eval_reward. Divergences (see the markdown notes): MMD^2 of pixels between
-fine-tuned and reference samples from the same noise/prompts, and each method's own path divergence.
+Every method trains its shipped recipe (configs/tiny_sd_<method>.yaml; only the pipeline, prompts, seed, time
+budget and evaluation are overridden) for `budget` seconds of training (evaluation excluded) per seed; the
+reference row is `benchmarks/ddpo_baseline.py` (policy gradient, PPO clip, no KL, full UNet, diffusers only).
+Reward = JPEG compressibility (minus the quality-95 JPEG size in kB; the differentiable methods train on the
+DCT surrogate and are scored on the true size). Each pipeline is `diffdiv.models.tiny.build_tiny_sd(seed 0)`,
+with random weights (--pretrain-steps 0) or pre-trained on captioned colored digits. Reported per method:
+the true reward gain over the initial model on 32 fixed noises, gain per training second (mean +- sd over
+seeds), the drift at that gain (`paired_mse`: mean squared pixel difference to the initial model's image from
+the same noise and prompt), and the gain per second at no larger drift than the baseline's (read off the
+evaluation curve). Writes benchmarks/results/reward_compare.{json,md,png}.
 """
 
 from __future__ import annotations
@@ -25,9 +28,10 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-METHODS = ("dpok", "ipro", "rocm", "di_star")
-LABELS = {"dpok": "DPOK (policy gradient)", "ipro": "IPRO (K-step backprop)", "rocm": "ROCM (consistency, 4 steps)",
-          "di_star": "DI* (one-step)"}
+METHODS = ("ddpo", "dpok", "ipro", "rocm", "di_star")
+LABELS = {"ddpo": "DDPO-style baseline (reference)", "dpok": "DPOK (policy gradient + KL)",
+          "ipro": "IPRO (K-step backprop)", "rocm": "ROCM (consistency, 4 steps)", "di_star": "DI* (one-step)"}
+RANDOM_PROMPTS = ["a cat", "a dog"]
 
 
 def trainer_class(method: str):
@@ -88,32 +92,38 @@ def pretrain_tiny_sd(path: Path, steps: int, seed: int = 0) -> None:
     save_denoiser(model, path, {"kind": "diffusion", "default_steps": 10, "pretrained_on": "digits (32x32 RGB)"})
 
 
-def prompt_list() -> list[str]:
+
+
+def digit_prompts() -> list[str]:
     names = "zero one two three four five six seven eight nine".split()
     return [f"a {c} digit {names[k]}" for c in ("red", "green", "blue") for k in (0, 3, 7)]
 
 
-def run_one(method: str, weight: float | None, pipe: Path, out: Path, budget: float, eval_every: float,
-            extra: list[str], max_steps: int | None = None) -> dict:
-    """Train one recipe: for `budget` seconds of training, or exactly `max_steps` steps when given."""
+def run_one(method: str, pipe: Path, out: Path, budget: float, eval_every: float, prompts: list[str], seed: int,
+            extra: list[str] | None = None) -> dict:
+    """One recipe (or the DDPO baseline) for `budget` training seconds; its evaluation curve and final metrics."""
+    t0 = time.time()
+    if method == "ddpo":
+        from ddpo_baseline import train as ddpo_train
+
+        res = ddpo_train(str(pipe), budget, seed=seed, prompts=prompts, eval_every=eval_every)
+        hist = res["eval_history"]
+        return {"method": method, "seed": seed, "steps": res["steps"], "final": hist[-1], "eval_history": hist,
+                "config": res["config"], "wall_s": time.time() - t0}
     from diffdiv.config import load_config
 
     T = trainer_class(method)
     key = "teacher.path" if method == "di_star" else "model.path"
-    stop = [f"max_steps={max_steps}", "max_train_time_s=0"] if max_steps else \
-        ["max_steps=1000000", f"max_train_time_s={budget}"]
-    overrides = [f"{key}={pipe}", f"output_dir={out}", *stop, f"eval_every_s={eval_every}", "checkpoint_every=0",
-                 "log_with=null", "progress=false", "overwrite=true", "log_every=5",
-                 f"cond.prompt_list={json.dumps(prompt_list())}", *extra]
-    if weight is not None:
-        overrides.append(f"div_weight={weight}")
+    overrides = [f"{key}={pipe}", f"output_dir={out}", "max_steps=1000000", f"max_train_time_s={budget}",
+                 f"eval_every_s={eval_every}", "checkpoint_every=0", "log_with=null", "progress=false",
+                 "overwrite=true", "log_every=5", f"seed={seed}", "eval_samples=32", "eval_batch=32",
+                 f"cond.prompt_list={json.dumps(prompts)}", *(extra or [])]
     cfg = load_config(T.config_cls, ROOT / "configs" / f"tiny_sd_{method}.yaml", overrides)
-    t0 = time.time()
     trainer = T(cfg)
     metrics = trainer.train()
     hist = json.loads((out / "eval_history.json").read_text())
-    return {"method": method, "div_weight": cfg.div_weight, "final": metrics, "eval_history": hist,
-            "train_history": trainer.history, "wall_s": time.time() - t0}
+    return {"method": method, "seed": seed, "steps": metrics["steps"], "final": metrics, "eval_history": hist,
+            "div_weight": cfg.div_weight, "wall_s": time.time() - t0}
 
 
 def true_reward(m: dict) -> tuple[float, float]:
@@ -123,195 +133,220 @@ def true_reward(m: dict) -> tuple[float, float]:
     return m["reward_reference"], m["reward_policy"]
 
 
-def method_div(method: str, m: dict) -> str:
-    if method in ("dpok", "ipro", "rocm"):
-        return f"path KL {m.get('path_kl', float('nan')):.3g} nats"
-    return f"score div. est. {m.get('score_div_est', float('nan')):.3g}"
+def curve(run: dict) -> list[tuple[float, float, float]]:
+    """(training seconds, true reward gain since the first evaluation, drift) at each evaluation. The first
+    evaluation is at step 0: gain 0 except for DI*, whose one-step generator starts apart from its reference
+    (the teacher's DDIM samples)."""
+    out = []
+    for e in run["eval_history"]:
+        ref, pol = true_reward(e)
+        out.append((float(e["train_time_s"]), pol - ref, float(e["paired_mse"])))
+    g0 = out[0][1]
+    return [(t, g - g0, d) for t, g, d in out]
 
 
-def write_outputs(rows: list[dict], out_dir: Path, args) -> None:
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "reward_compare.json").write_text(json.dumps({"args": vars(args), "runs": rows}, indent=1))
-    pre = f"UNet pre-trained {args.pretrain_steps} steps on captioned colored digits" if args.pretrain_steps \
-        else "random weights"
-    lines = [
-        "# Reward fine-tuning side by side: DPOK, IPRO, ROCM, DI*",
-        "",
-        f"Tiny SD pipeline ({pre}), "
-        f"reward = JPEG compressibility (minus the quality-95 JPEG size in kB of the decoded 32x32 image), "
-        f"{args.budget:.0f} s of training per method at its default divergence weight (evaluation excluded), then "
-        "the same number of steps with the divergence weight at 0; 1 CPU thread on a shared 2-core machine "
-        "(timings under contention from other jobs). Command: `OMP_NUM_THREADS=1 python "
-        f"benchmarks/reward_compare.py --budget {args.budget:g} --pretrain-steps {args.pretrain_steps}`.",
-        "",
-        "| method | div. weight | steps | train s (no eval) | true JPEG reward: reference -> fine-tuned (gain +- s.e.) "
-        "| train-reward gain | MMD^2 to reference | diversity ratio | method's own divergence |",
-        "|---|---|---|---|---|---|---|---|---|",
-    ]
-    for r in rows:
-        m = r["final"]
-        ref, pol = true_reward(m)
-        sem = m.get("eval_reward_policy_sem", m.get("reward_policy_sem", 0.0))
-        secs = r["eval_history"][-1]["train_time_s"]
+def rate_at_drift(points: list[tuple[float, float, float]], drift: float) -> float:
+    """Gain per second where the evaluation curve first reaches `drift` (linear between evaluations, from the
+    first); the final gain per second if it never does (its drift stays lower)."""
+    prev = points[0]
+    for t, g, d in points[1:]:
+        if d >= drift:
+            f = (drift - prev[2]) / (d - prev[2]) if d > prev[2] else 1.0
+            ts, gs = prev[0] + f * (t - prev[0]), prev[1] + f * (g - prev[1])
+            return gs / max(ts, 1e-9)
+        prev = (t, g, d)
+    t, g, _ = points[-1]
+    return g / max(t, 1e-9)
+
+
+def mean_sd(v: list[float]) -> tuple[float, float]:
+    t = torch.tensor(v, dtype=torch.float64)
+    return float(t.mean()), float(t.std()) if len(v) > 1 else 0.0
+
+
+def summarize(runs: list[dict]) -> dict[str, dict]:
+    """Per method: gain, gain/s, drift (mean, sd over seeds) and the gain/s at no larger drift than the baseline."""
+    by: dict[str, list[dict]] = {}
+    for r in runs:
+        by.setdefault(r["method"], []).append(r)
+    out: dict[str, dict] = {}
+    base_drift = None
+    if "ddpo" in by:
+        base_drift = mean_sd([curve(r)[-1][2] for r in by["ddpo"]])[0]
+    for method, rs in by.items():
+        pts = [curve(r) for r in rs]
+        s = {"seeds": [r["seed"] for r in rs], "steps": mean_sd([r["steps"] for r in rs]),
+             "train_s": mean_sd([p[-1][0] for p in pts]), "gain": mean_sd([p[-1][1] for p in pts]),
+             "gain_per_s": mean_sd([p[-1][1] / max(p[-1][0], 1e-9) for p in pts]),
+             "drift": mean_sd([p[-1][2] for p in pts]),
+             "reference": mean_sd([true_reward(r["final"])[0] for r in rs]),
+             "train_gain": mean_sd([float(r["final"]["reward_gain"]) for r in rs]),
+             "diversity_ratio": mean_sd([float(r["final"].get("diversity_ratio", float("nan"))) for r in rs])}
+        if base_drift is not None:
+            s["gain_per_s_at_base_drift"] = mean_sd([rate_at_drift(p, base_drift) for p in pts])
+        out[method] = s
+    if "ddpo" in out and base_drift is not None:
+        b = out["ddpo"]["gain_per_s_at_base_drift"][0]
+        for s in out.values():
+            s["x_baseline"] = s["gain_per_s_at_base_drift"][0] / b if b > 0 else float("nan")
+    return out
+
+
+def fmt(ms: tuple[float, float], f: str = "+.4f") -> str:
+    return f"{ms[0]:{f}} +- {ms[1]:{f.lstrip('+')}}"
+
+
+def table(summary: dict[str, dict]) -> list[str]:
+    lines = ["| method | seeds | steps | train s | reference reward | true JPEG gain | gain / s | drift (paired MSE) "
+             "| gain / s at <= baseline drift | x baseline | train-reward gain | diversity ratio |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for method in METHODS:
+        if method not in summary:
+            continue
+        s = summary[method]
+        div = "n/a" if s["diversity_ratio"][0] != s["diversity_ratio"][0] else f"{s['diversity_ratio'][0]:.2f}"
         lines.append(
-            f"| {LABELS[r['method']]} | {r['div_weight']:g} | {m['steps']} | {secs:.0f} "
-            f"| {ref:.4f} -> {pol:.4f} "
-            f"({pol - ref:+.4f} +- {sem:.4f}) | {m['reward_gain']:+.4g} | {m.get('mmd2', float('nan')):.4f} "
-            f"| {m.get('diversity_ratio', float('nan')):.2f} | {method_div(r['method'], m)} |")
+            f"| {LABELS[method]} | {len(s['seeds'])} | {s['steps'][0]:.0f} | {s['train_s'][0]:.0f} "
+            f"| {s['reference'][0]:.4f} | {fmt(s['gain'])} | {fmt(s['gain_per_s'], '+.2e')} "
+            f"| {fmt(s['drift'], '.4f')} | {fmt(s.get('gain_per_s_at_base_drift', (float('nan'),) * 2), '+.2e')} "
+            f"| {s.get('x_baseline', float('nan')):.1f} | {fmt(s['train_gain'])} | {div} |")
+    return lines
+
+
+def write_outputs(results: dict[str, list[dict]], out_dir: Path, args) -> None:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    summaries = {k: summarize(v) for k, v in results.items()}
+    (out_dir / "reward_compare.json").write_text(json.dumps({"args": vars(args), "summary": summaries,
+                                                              "runs": results}, indent=1))
+    lines = [
+        "# Reward fine-tuning: gain per second against a DDPO-style baseline",
+        "",
+        f"Reward = JPEG compressibility (minus the quality-95 JPEG size in kB of the decoded 32x32 image). Each method "
+        f"trains its shipped recipe `configs/tiny_sd_<method>.yaml` for {args.budget:g} s of training (evaluation "
+        f"excluded), seeds {args.seeds}; the DDPO-style baseline is `benchmarks/ddpo_baseline.py` (diffusers only: "
+        "DDIM-10 eta 1, CFG 5, PPO clip 1e-4, no KL, full UNet, lr 1e-3, 16 trajectories per round). Evaluation: "
+        "32 fixed noises and prompts in turn, the fine-tuned and the initial model on the same noise. 1 CPU thread "
+        "on a shared 2-core machine: seconds are wall-clock under contention from other jobs (the spread includes "
+        "it). Reduced budget: the former table (git history) ran the LoRA recipes 150 s, one seed, 64 samples, "
+        "guidance 1, on the evenly spaced grid 999 ... 0 (now the pipeline's DDIM grid 901 ... 1). Command: "
+        f"`OMP_NUM_THREADS=1 python benchmarks/reward_compare.py --budget {args.budget:g} --seeds {args.seeds} "
+        f"--pretrain-steps {args.pretrain_steps}`" + (f" --override '{args.override}'" if args.override else "") + ".",
+        "",
+    ]
+    for name, summ in summaries.items():
+        lines += [f"## {name}", ""] + table(summ) + [""]
     lines += [
+        "Columns:",
+        "- true JPEG gain: reward of the fine-tuned minus the initial model (mean +- sd over seeds); "
+        "gain / s = that gain over the training seconds.",
+        "- drift: mean squared pixel difference (images in [-1, 1]) between the fine-tuned and the initial model's "
+        "image from the same noise and prompt (`paired_mse`), at the end of the run.",
+        "- gain / s at <= baseline drift: the gain per second where the run's evaluation curve first reaches the "
+        "baseline's mean final drift (linear between evaluations, from the first), or its final gain per second if "
+        "it stays below; x baseline = that over the baseline's own (~ its final gain / s). This is the comparison at "
+        "no larger drift: the differentiable methods pass the baseline's drift within seconds and then keep gaining "
+        "(their final gain / s is at a larger drift).",
+        "- reference reward: the initial model under the method's own sampler (DDPO, DPOK, IPRO: DDIM-10 eta 1 CFG 5, "
+        "the same images; ROCM: the 4-step consistency chain; DI*: the CFG teacher, DDIM-10).",
+        "- train-reward gain: the reward the method optimizes (true JPEG for DDPO/DPOK, the DCT surrogate otherwise).",
+        "- diversity ratio: mean pairwise pixel distance of fine-tuned over initial samples (< 1: less diverse; "
+        "n/a: not recorded by that run).",
+        "- On the pre-trained pipeline the drift is large for every method, the baseline included: a small weight "
+        "change sends the stochastic DDIM(eta 1) trajectory of a digit elsewhere, so the paired MSE there measures "
+        "trajectory sensitivity more than a change of the distribution; compare the diversity ratio too.",
         "",
-        "How the divergence is measured:",
-        "- MMD^2: unbiased RBF-kernel MMD^2 between 64 decoded fine-tuned images and 64 reference images "
-        "generated from the same noise and prompts (bandwidth: median distance between reference images). "
-        "The reference is the pretrained pipeline with the method's own sampler: DDIM-10 eta=1 (DPOK), "
-        "DDIM-10 eta=0 (IPRO), the 4-step consistency chain (ROCM), the CFG teacher with DDIM-10 (DI*).",
-        "- path KL (DPOK, IPRO): exact KL between the fine-tuned and reference DDIM(eta=1) path measures, the "
-        "sum over the 10 steps of the closed-form per-step Gaussian KL along the fine-tuned model's own "
-        "trajectories (chain rule), in nats, summed over the 4x8x8 latent elements.",
-        "- path KL (ROCM): the same for the 4-step consistency chain (the last step compared after re-noising "
-        "to log-SNR 2).",
-        "- DI*: a one-step generator has no path measure; its estimate E_t d_PH(D_p - D_q) uses the learned "
-        "fake score and is only indicative.",
-        "- diversity ratio: mean pairwise pixel distance of the fine-tuned samples over that of the reference "
-        "samples; well below 1 = mode collapse (the usual face of reward hacking here).",
-        "- train-reward gain: the gain in the reward each method optimizes (true JPEG for DPOK, the DCT surrogate "
-        "for the others).",
-        "",
-        "A method is working when it raises the reward while its regularized run keeps the divergence below "
-        "the unregularized (weight 0) run's. Curves: reward_compare.png.",
+        "Curves: reward_compare.png (gain vs training seconds, gain vs drift).",
     ]
     (out_dir / "reward_compare.md").write_text("\n".join(lines) + "\n")
-    plot(rows, out_dir / "reward_compare.png")
+    plot(results, out_dir / "reward_compare.png")
 
 
-def plot(rows: list[dict], path: Path) -> None:
+def plot(results: dict[str, list[dict]], path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 4, figsize=(20, 4.5))
-    colors = {"dpok": "C0", "ipro": "C1", "rocm": "C2", "di_star": "C3"}
-    for r in rows:
-        h = r["eval_history"]
-        t = [e["train_time_s"] for e in h]
-        gain = [true_reward(e)[1] - true_reward(e)[0] for e in h]
-        mmd = [e.get("mmd2", float("nan")) for e in h]
-        kl = [e.get("path_kl", float("nan")) for e in h]
-        ls = "-" if r["div_weight"] > 0 else "--"
-        lab = f"{r['method']} w={r['div_weight']:g}"
-        axes[0].plot(t, gain, ls, color=colors[r["method"]], label=lab, marker=".")
-        axes[1].plot(t, mmd, ls, color=colors[r["method"]], label=lab, marker=".")
-        if r["method"] != "di_star":
-            axes[2].plot(t, kl, ls, color=colors[r["method"]], label=lab, marker=".")
-        div = [e.get("diversity_ratio", float("nan")) for e in h]
-        axes[3].plot(t, div, ls, color=colors[r["method"]], label=lab, marker=".")
-    axes[0].set_title("true JPEG reward gain (-kB) vs training time")
-    axes[1].set_title("MMD^2 to the reference samples")
-    axes[2].set_title("path KL to the reference (nats)")
-    axes[2].set_yscale("symlog", linthresh=1e-2)
-    axes[3].set_title("diversity ratio (fine-tuned / reference)")
-    for ax in axes:
-        ax.set_xlabel("training time (s)")
-        ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=7)
+    fig, axes = plt.subplots(len(results), 2, figsize=(12, 4.2 * len(results)), squeeze=False)
+    colors = {"ddpo": "k", "dpok": "C0", "ipro": "C1", "rocm": "C2", "di_star": "C3"}
+    for row, (name, runs) in enumerate(results.items()):
+        seen = set()
+        for r in runs:
+            pts = curve(r)
+            lab = r["method"] if r["method"] not in seen else None
+            seen.add(r["method"])
+            kw = {"color": colors[r["method"]], "marker": ".", "label": lab}
+            axes[row, 0].plot([p[0] for p in pts], [p[1] for p in pts], **kw)
+            axes[row, 1].plot([p[2] for p in pts], [p[1] for p in pts], **kw)
+        short = name.split(" (")[0]
+        axes[row, 0].set_title(f"{short}: true JPEG gain vs training s")
+        axes[row, 1].set_title(f"{short}: true JPEG gain vs drift (paired MSE)")
+        axes[row, 0].set_xlabel("training seconds")
+        axes[row, 1].set_xlabel("paired MSE to the initial model")
+        axes[row, 1].set_xscale("symlog", linthresh=1e-3)
+        for ax in axes[row]:
+            ax.grid(alpha=0.3)
+        axes[row, 0].legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=100)
 
 
-def run_sweep(spec: str, pipe: Path, work: Path, out_dir: Path, budget: float) -> None:
-    """Dose-response of the regularizer: `method:key=v1,v2,...;method:key=...`, each run `budget` seconds."""
-    rows = []
-    cache_file = work / "sweep_rows.json"
-    done = json.loads(cache_file.read_text()) if cache_file.is_file() else []
-    for part in spec.split(";"):
-        method, _, kv = part.partition(":")
-        key, _, values = kv.partition("=")
-        for v in values.split(","):
-            tag = f"{method}:{key}={v}@{budget:g}"
-            found = [r for r in done if r["tag"] == tag]
-            if found:
-                rows.append(found[0])
-                continue
-            print(f"=== sweep {tag}", flush=True)
-            r = run_one(method, None, pipe, work / f"sweep_{method}_{key}_{v}", budget, budget / 3, [f"{key}={v}"])
-            r.update(tag=tag, key=key, value=float(v))
-            r.pop("train_history", None)
-            done.append(r)
-            rows.append(r)
-            cache_file.write_text(json.dumps(done))
-    (out_dir / "reward_compare_sweep.json").write_text(json.dumps({"spec": spec, "budget": budget, "runs": rows},
-                                                                   indent=1))
-    lines = ["# Regularizer dose-response (tiny SD, JPEG compressibility)", "",
-             f"Each run: {budget:g} s of training from the same pre-trained tiny SD, one setting changed from the "
-             "recipe (configs/tiny_sd_<method>.yaml). Command: `OMP_NUM_THREADS=1 python "
-             f"benchmarks/reward_compare.py --sweep '{spec}' --sweep-budget {budget:g}`. Timings under contention.",
-             "", "| method | setting | steps | true JPEG gain (+- s.e.) | MMD^2 | diversity ratio "
-             "| path KL / score div. |",
-             "|---|---|---|---|---|---|---|"]
-    for r in rows:
-        m = r["final"]
-        ref, pol = true_reward(m)
-        sem = m.get("eval_reward_policy_sem", m.get("reward_policy_sem", 0.0))
-        div = m.get("path_kl", m.get("score_div_est", float("nan")))
-        mmd, dr = m.get("mmd2", float("nan")), m.get("diversity_ratio", float("nan"))
-        lines.append(f"| {r['method']} | {r['key']}={r['value']:g} | {m['steps']} | {pol - ref:+.4f} +- {sem:.4f} "
-                     f"| {mmd:.4f} | {dr:.2f} | {div:.3g} |")
-    (out_dir / "reward_compare_sweep.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
-
-
-def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--budget", type=float, default=150.0, help="training seconds per run")
-    p.add_argument("--eval-every", type=float, default=30.0, help="training seconds between evaluations")
-    p.add_argument("--methods", default=",".join(METHODS))
-    p.add_argument("--pretrain-steps", type=int, default=1500)
-    p.add_argument("--work", default=str(ROOT / "runs" / "reward_compare"))
-    p.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
-    p.add_argument("--sweep", default=None, help="e.g. 'ipro:div_weight=0,0.01;di_star:reward_weight=0.1,1'")
-    p.add_argument("--sweep-budget", type=float, default=90.0)
-    args = p.parse_args(argv)
-    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
-    work = Path(args.work)
-    pipe = work / f"tiny_sd_pre{args.pretrain_steps}"
+def build_pipe(work: Path, pretrain_steps: int) -> Path:
+    pipe = work / (f"tiny_sd_pre{pretrain_steps}" if pretrain_steps else "tiny_sd_random")
     if not (pipe / "model_index.json").is_file():
         from diffdiv.models.tiny import build_tiny_sd
 
         build_tiny_sd(pipe, seed=0)
-        if args.pretrain_steps:
-            pretrain_tiny_sd(pipe, args.pretrain_steps)
-    if args.sweep:
-        run_sweep(args.sweep, pipe, work, Path(args.out), args.sweep_budget)
-        return
-    rows = []
-    res_file = work / "rows.json"
+        if pretrain_steps:
+            pretrain_tiny_sd(pipe, pretrain_steps)
+    return pipe
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--budget", type=float, default=40.0, help="training seconds per run")
+    p.add_argument("--eval-every", type=float, default=None, help="training seconds between evaluations "
+                   "(default budget / 6)")
+    p.add_argument("--methods", default=",".join(METHODS))
+    p.add_argument("--seeds", default="0,1,2")
+    p.add_argument("--pretrain-steps", default="0,1500", help="pipelines: 0 = random weights, N = pre-trained N steps")
+    p.add_argument("--override", default="", help="space-separated recipe overrides for the diffdiv methods (a lever "
+                   "run, e.g. 'lora.enabled=true div_weight=0.01'; cached and reported separately)")
+    p.add_argument("--work", default=str(ROOT / "runs" / "reward_compare"))
+    p.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
+    args = p.parse_args(argv)
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    work = Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+    every = args.eval_every or args.budget / 6
+    res_file = work / "runs.json"
     done = json.loads(res_file.read_text()) if res_file.is_file() else []
-
-    def cached(method: str, tag: str) -> dict | None:
-        found = [r for r in done if r["method"] == method and r.get("tag") == tag and r.get("budget") == args.budget]
-        return found[0] if found else None
-
-    for method in args.methods.split(","):
-        # the default-weight run gets the wall-clock budget; the weight-0 run gets exactly as many steps
-        r = cached(method, "default")
-        if r is None:
-            print(f"=== {method} default divergence weight, {args.budget:g} s", flush=True)
-            r = run_one(method, None, pipe, work / f"{method}_default", args.budget, args.eval_every, [])
-            r.update(tag="default", budget=args.budget)
-            done.append(r)
-            res_file.write_text(json.dumps(done))
-        rows.append(r)
-        r0 = cached(method, "zero")
-        if r0 is None:
-            steps = int(r["final"]["steps"])
-            print(f"=== {method} divergence weight 0, {steps} steps", flush=True)
-            r0 = run_one(method, 0.0, pipe, work / f"{method}_zero", args.budget, args.eval_every, [], max_steps=steps)
-            r0.update(tag="zero", budget=args.budget)
-            done.append(r0)
-            res_file.write_text(json.dumps(done))
-        rows.append(r0)
-    write_outputs(rows, Path(args.out), args)
+    results: dict[str, list[dict]] = {}
+    for steps in (int(v) for v in args.pretrain_steps.split(",")):
+        pipe = build_pipe(work, steps)
+        name = f"pre-trained tiny SD ({steps} steps on captioned digits)" if steps else "random-weight tiny SD"
+        prompts = digit_prompts() if steps else RANDOM_PROMPTS
+        for method in args.methods.split(","):
+            for seed in (int(v) for v in args.seeds.split(",")):
+                tag = {"pipe": pipe.name, "method": method, "seed": seed, "budget": args.budget}
+                extra = args.override.split() if method != "ddpo" else []
+                if extra:
+                    tag["override"] = args.override
+                found = [r for r in done if r.get("tag") == tag]
+                if found:
+                    r = found[0]
+                else:
+                    print(f"=== {name}: {method} seed {seed}, {args.budget:g} s", flush=True)
+                    r = run_one(method, pipe, work / f"{pipe.name}_{method}_{seed}", args.budget, every, prompts, seed,
+                                extra)
+                    r["tag"] = tag
+                    done.append(r)
+                    res_file.write_text(json.dumps(done))
+                    c = curve(r)[-1]
+                    print(f"    gain {c[1]:+.4f} in {c[0]:.0f} s, drift {c[2]:.4f}, {r['steps']} steps", flush=True)
+                results.setdefault(name, []).append(r)
+    write_outputs(results, Path(args.out), args)
     print((Path(args.out) / "reward_compare.md").read_text())
 
 

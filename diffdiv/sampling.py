@@ -224,6 +224,36 @@ def ddim_times(t_max: float, t_min: float, steps: int) -> Tensor:
     return torch.linspace(float(t_max), float(t_min), steps + 1, dtype=torch.float64)
 
 
+def scheduler_times(denoiser: Denoiser, steps: int) -> Tensor:
+    """steps + 1 model times (float64) of the pipeline scheduler's `steps`-step grid: the timesteps that
+    `make_scheduler(denoiser, "ddim").set_timesteps(steps)` visits (FlowMatchEuler's sigmas for flow models),
+    then the noise level its last step lands on (DDIM's `final_alpha_cumprod`; alpha = 1 maps to t_min)."""
+    sched = denoiser.schedule
+    if isinstance(sched, FlowSchedule):
+        sch = make_scheduler(denoiser, "flow_euler")
+        try:
+            sch.set_timesteps(steps)
+        except ValueError as e:  # dynamic shifting needs the image size (mu)
+            raise ConfigError(f"timesteps: scheduler: {e}; use timesteps: uniform") from None
+        sig = sch.sigmas.double()[: steps + 1]
+        logsnr = 2.0 * (torch.log1p(-sig) - torch.log(sig))
+    elif isinstance(sched, VPSchedule):
+        sch = make_scheduler(denoiser, "ddim")
+        sch.set_timesteps(steps)
+        acp = sch.alphas_cumprod.double()
+        final = torch.as_tensor(sch.final_alpha_cumprod, dtype=torch.float64).reshape(1)
+        a2 = torch.cat([acp[sch.timesteps.long()], final])
+        logsnr = torch.log(a2) - torch.log1p(-a2)
+    else:
+        raise ConfigError(f"timesteps: scheduler needs a VP or flow-matching model, not {type(sched).__name__}; "
+                          "use timesteps: uniform")
+    times = sched.t_from_logsnr(logsnr).double().clamp(sched.t_min, sched.t_max)
+    if not bool((times[1:] < times[:-1]).all()):  # e.g. "leading" spacing without steps_offset: last timestep 0
+        raise ConfigError(f"timesteps: scheduler: the {steps}-step grid {times.tolist()} does not decrease strictly "
+                          "(its last step lands on alpha = 1, below the schedule's t_min); use timesteps: uniform")
+    return times
+
+
 def correlated_frame_noise(shared: Tensor, per_frame: Tensor, corr: float) -> Tensor:
     """Frame noises sqrt(c) z_shared + sqrt(1 - c) z_f: (B, ...) and (B, F, ...) -> (B, F, ...), each N(0, I)."""
     return corr**0.5 * shared.unsqueeze(1) + (1.0 - corr) ** 0.5 * per_frame
@@ -374,4 +404,4 @@ def rcm_simulate(denoise: DenoiseFn, x: Tensor, t_max: float, steps: int, times:
 
 __all__ = ["SAMPLERS", "make_scheduler", "sample", "sample_diffusion", "sample_consistency", "default_times",
            "VPSchedule", "ChainOut", "ConsistencyChainOut", "correlated_frame_noise", "consistency_chain", "ddim_chain",
-           "ddim_times", "rcm_simulate"]
+           "ddim_times", "scheduler_times", "rcm_simulate"]

@@ -7,9 +7,10 @@ import pytest
 import torch
 from diffusers import DDIMScheduler, DDPMScheduler, UNet2DModel
 
+from diffdiv.config import ConfigError
 from diffdiv.models.lora import LoRAConfig, adapters_disabled, add_lora
 from diffdiv.models.unet import UNetDenoiser
-from diffdiv.sampling import correlated_frame_noise, ddim_chain, ddim_times
+from diffdiv.sampling import correlated_frame_noise, ddim_chain, ddim_times, scheduler_times
 
 STEPS = 5
 TIMES = torch.tensor([999.0, 799.0, 599.0, 399.0, 199.0, 0.0], dtype=torch.float64)  # diffusers "trailing"
@@ -136,6 +137,31 @@ def test_per_step_kl_equals_diffusers_transitions(model):
     with pytest.raises(ValueError, match="kl_eta"):
         ddim_chain(lambda x, t: den(x, t), z, TIMES, den.schedule, 0.0, None, ref_denoise=ref, kl_eta=0.0,
                    kl_on="all")
+
+
+@pytest.mark.parametrize("spacing", ["leading", "trailing"])
+def test_scheduler_times_reproduce_the_pipeline_ddim(model, spacing):
+    """The default grid of the reward trainers is the stored scheduler's: for SD's DDIM config (leading, offset 1,
+    final alpha = alphas_cumprod[0]) 5 steps visit 801, ..., 1, and the DDIM(eta) chain on that grid reproduces
+    diffusers' DDIMScheduler.step on the same noises, the last step included."""
+    den, _ = model
+    sch = DDIMScheduler(num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
+                        clip_sample=False, set_alpha_to_one=False, steps_offset=1, timestep_spacing=spacing)
+    sd = UNetDenoiser(den.unet, sch)
+    times = scheduler_times(sd, STEPS)
+    sch.set_timesteps(STEPS)
+    expect = {"leading": [801.0, 601.0, 401.0, 201.0, 1.0, 0.0], "trailing": [999.0, 799.0, 599.0, 399.0, 199.0, 0.0]}
+    torch.testing.assert_close(times, torch.tensor(expect[spacing], dtype=torch.float64), rtol=0, atol=1e-9)
+    z, noises = _inputs()
+    with torch.no_grad():
+        out = ddim_chain(lambda x, t: sd(x, t), z, times, sd.schedule, 1.0, noises)
+        x = z
+        for i, tau in enumerate(sch.timesteps):
+            x = sch.step(sd.eps(x, torch.full((2,), float(tau))), tau, x, eta=1.0, variance_noise=noises[i]).prev_sample
+    torch.testing.assert_close(out.x, x, rtol=1e-4, atol=1e-4)
+    # "leading" without offset ends at timestep 0 and lands on alpha = 1, which the chain cannot represent
+    with pytest.raises(ConfigError, match="timesteps: uniform"):
+        scheduler_times(UNetDenoiser(den.unet, DDPMScheduler(num_train_timesteps=1000)), STEPS)
 
 
 def test_ddim_times():

@@ -132,8 +132,10 @@ def _check_export(tr, out, folder="model"):
 
 def test_ipro_tiny_sd_end_to_end(tiny_sd, tmp_path):
     tr, m, out = _train(IPROTrainer, "tiny_sd_ipro.yaml", tmp_path, f"model.path={tiny_sd}", "max_steps=3",
-                        "batch_size=2", "steps=3", "grad_steps=2", "eta=0.5")
+                        "batch_size=2", "steps=3", "grad_steps=2", "eta=0.5", "lora.enabled=true",
+                        "timesteps=uniform")
     assert m["steps"] == 3 and (out / "lora" / "pytorch_lora_weights.safetensors").is_file()
+    torch.testing.assert_close(tr.times, torch.tensor([999.0, 666.0, 333.0, 0.0], dtype=torch.float64))
     metrics = _check_export(tr, out)
     assert metrics["path_kl"] > 0  # the adapters moved the policy away from the reference
     assert {"eval_reward_policy", "eval_reward_gain"} <= set(metrics)
@@ -147,6 +149,9 @@ def test_dpok_on_policy_ratio_is_one_and_run(tiny_sd, tmp_path):
                        "sample_batch=2", "steps=3", "updates_per_round=2", "max_steps=3", "value_baseline=true"])
     tr = DPOKTrainer(cfg)
     tr.setup()
+    # the chain's grid is the pipeline scheduler's (SD's DDIM, 3 steps: 667, 334, 1, landing on alphas_cumprod[0])
+    torch.testing.assert_close(tr.times, torch.tensor([667.0, 334.0, 1.0, 0.0], dtype=torch.float64), rtol=0,
+                               atol=1e-9)
     with torch.no_grad():
         _, parts = tr.loss("policy", 0)
     # the stored log-probs are those the update recomputes with unchanged weights: ratio 1, KL 0 at init
@@ -173,16 +178,17 @@ def test_dpok_resume_is_exact(tiny_sd, tmp_path):
     b2.train()
     pa = dict(a.nets["policy"].module.trainable.named_parameters())
     pb = dict(b2.nets["policy"].module.trainable.named_parameters())
+    init = dict(load_denoiser(tiny_sd).trainable.named_parameters())
+    assert any(not torch.equal(v, init[k]) for k, v in pa.items())  # the recipe trains the full UNet
     for k, v in pa.items():
-        if "lora_" in k:
-            assert torch.equal(v, pb[k]), k
+        assert torch.equal(v, pb[k]), k
 
 
 def test_rocm_unet2d_digits_reward(tiny_unet, tmp_path):
     """ROCM through a 2-step chain of an unconditional UNet2DModel (peft-injected LoRA), digits reward."""
     tr, m, out = _train(ROCMTrainer, "tiny_sd_rocm.yaml", tmp_path, f"model.path={tiny_unet}", "max_steps=2",
                         "batch_size=4", "steps=2", "divergence=hellinger", "reward={name: digits, target: 3}",
-                        "eval_reward=null", "cond.prompt_list=null")
+                        "eval_reward=null", "cond.prompt_list=null", "lora.enabled=true")
     assert (out / "lora" / "adapter_model.safetensors").is_file()
     metrics = _check_export(tr, out)
     assert metrics["path_kl"] > 0 and "path_hellinger" in metrics
@@ -243,6 +249,8 @@ def test_one_line_errors(tiny_sd, tmp_path, capsys):
     assert "not differentiable" in capsys.readouterr().err
     with pytest.raises(ConfigError, match="eta > 0"):
         load_config(DPOKTrainer.config_cls, ROOT / "configs/tiny_sd_dpok.yaml", ["eta=0"])
+    with pytest.raises(ConfigError, match="uniform only"):
+        load_config(DPOKTrainer.config_cls, ROOT / "configs/tiny_sd_dpok.yaml", ["t_start=990"])
     with pytest.raises(ConfigError, match="model.path"):
         DPOKTrainer(load_config(DPOKTrainer.config_cls, None, [f"model.path={tmp_path}/nope"])).preflight()
     with pytest.raises(ConfigError, match="unknown reward"):
@@ -275,7 +283,8 @@ def test_dpok_two_processes_match_one(tiny_unet, tmp_path):
     args = ["--config", str(ROOT / "configs/tiny_sd_dpok.yaml"), f"model.path={tiny_unet}", *FAST, "eval_samples=0",
             "cond.prompt_list=null", "batch_size=4", "sample_batch=4", "steps=3", "updates_per_round=2",
             "max_steps=4", "checkpoint_every=4", "advantage=batch", "reward={name: digits, target: 3}",
-            "lr=1e-4"]  # small steps: Adam's first update ~ lr sign(g) would amplify reduction-order noise
+            "lr=1e-4",  # small steps: Adam's first update ~ lr sign(g) would amplify reduction-order noise
+            "lora.enabled=true", "timesteps=uniform"]  # the DDPM-config UNet's DDIM grid ends on alpha = 1
     launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
               "--main_process_port", "0",
               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]

@@ -69,7 +69,11 @@ class RewardTrainConfig(TrainConfig, RewardFields):
     weight_decay: float = 0.0
     steps: int = 10  # sampling steps of the chain
     eta: float = 1.0  # DDIM eta of the sampler (DDIM chains)
-    t_start: float | None = None  # first model time of the DDIM chain (default: the schedule's t_max); for
+    # DDIM chain grid: "scheduler" = the pipeline scheduler's (`diffdiv.sampling.scheduler_times`: SD's DDIM
+    # with 10 steps visits 901, 801, ..., 1, like the diffusers pipeline); "uniform" = evenly spaced model times
+    # from t_start down to t_min (`diffdiv.sampling.ddim_times`, the grid before 0.x)
+    timesteps: Literal["scheduler", "uniform"] = "scheduler"
+    t_start: float | None = None  # timesteps uniform: first model time (default: the schedule's t_max); for
     # schedules whose alpha(t_max) ~ 0 (squaredcos_cap_v2: 5e-5) start lower, e.g. 990, or x0 = (x - s eps)/a explodes
     reduce: Literal["mean", "sum"] = "mean"  # log-probs / KL per sample: mean or sum over elements
     eval_eta: float = 1.0  # DDIM eta of the chain whose per-step KL is reported
@@ -81,6 +85,8 @@ class RewardTrainConfig(TrainConfig, RewardFields):
         check(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), "betas must be two numbers in [0, 1)")
         check(self.steps >= 1, f"steps must be >= 1, got {self.steps}")
         check(self.eta >= 0 and self.eval_eta >= 0, "eta and eval_eta must be >= 0")
+        check(self.timesteps in ("scheduler", "uniform"), f"timesteps: scheduler or uniform, got {self.timesteps}")
+        check(self.t_start is None or self.timesteps == "uniform", "t_start applies to timesteps: uniform only")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -144,15 +150,22 @@ class RewardTrainer(Trainer):
                          params=params)
         self.conds = Conditions(cfg.cond, self.policy)
         self.rewards = RewardKit(cfg, self.policy, self.conds, self.add_frozen)
-        sch = self.policy.schedule
-        from diffdiv.sampling import ddim_times
+        self.times = self.chain_times()
+        self.x_scale = input_scale(self.policy, float(self.times[0]))
+        self.build_method()
 
+    def chain_times(self) -> Tensor:
+        """steps + 1 model times of the DDIM chain (`timesteps`: the pipeline scheduler's grid, or uniform)."""
+        from diffdiv.sampling import ddim_times, scheduler_times
+
+        cfg = self.cfg
+        sch = self.policy.schedule
+        if cfg.timesteps == "scheduler":
+            return scheduler_times(self.policy, cfg.steps)
         t_start = sch.t_max if cfg.t_start is None else cfg.t_start
         if not sch.t_min < t_start <= sch.t_max:
             raise ConfigError(f"t_start {t_start} is outside the model's time range ({sch.t_min}, {sch.t_max}]")
-        self.times = ddim_times(t_start, sch.t_min, cfg.steps)
-        self.x_scale = input_scale(self.policy, float(self.times[0]))
-        self.build_method()
+        return ddim_times(t_start, sch.t_min, cfg.steps)
 
     def build_method(self) -> None:
         """Method-specific networks and state (value function, buffers)."""

@@ -14,7 +14,7 @@ weight whatever the divergence.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import Tensor
@@ -37,6 +37,7 @@ class ROCMConfig(RewardTrainConfig):
     final_logsnr: float | None = 2.0  # the last step is compared after re-noising to this log-SNR (null: skip)
     ref_grad: bool = True  # divergence gradient also through the reference's input state
     eval_eta: float = 0.0  # unused by ROCM (consistency chains)
+    timesteps: Literal["scheduler", "uniform"] = "uniform"  # unused by ROCM (its chain times are `times`)
 
     def validate(self) -> None:
         super().validate()
