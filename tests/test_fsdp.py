@@ -83,7 +83,8 @@ def rcm_job(unet: Path, out: Path, *extra: str) -> dict:
 
 
 def dpok_job(sd: Path, out: Path, *extra: str) -> dict:
-    return job(DPOK, "tiny_sd_dpok.yaml", f"model.path={sd}", f"output_dir={out}", "max_steps=3", "batch_size=4",
+    return job(DPOK, "tiny_sd_dpok.yaml", f"model.path={sd}", f"output_dir={out}", "lora.enabled=true", "lora.rank=4",
+               "max_steps=3", "batch_size=4",
                "sample_batch=4", "updates_per_round=2", "buffer_rounds=1", "steps=3", "eval_samples=0",
                "checkpoint_every=3", "log_every=1", "value_baseline=true", *extra)
 
